@@ -1,0 +1,1 @@
+"""wirestate.core: the pure core. No asyncio, sockets, threads, wall clock or randomness."""
