@@ -1,0 +1,87 @@
+"""The one vocabulary for why a connection closed, and the close codes that go with it.
+
+Every path into closing carries a `CloseCause`; logs, metrics, the `clients` topic and the
+client CLI all use these names (DESIGN.md, "Close causes"). Codes are RFC 6455 section 7.4.1
+close codes; 1013 ("try again later") is what the hub sends a slow consumer.
+"""
+
+from __future__ import annotations
+
+from enum import Enum, IntEnum
+
+
+class CloseCode(IntEnum):
+    NORMAL = 1000
+    GOING_AWAY = 1001  # server shutdown
+    ABNORMAL = 1006  # no close frame (never sent on the wire; reported by the transport)
+    POLICY_VIOLATION = 1008  # auth, origin, repeated bad input, rate
+    MESSAGE_TOO_BIG = 1009
+    INTERNAL_ERROR = 1011  # keep-alive timeout or internal error
+    TRY_AGAIN_LATER = 1013  # slow consumer: send queue overflow
+
+
+class CloseCause(str, Enum):
+    PEER_CLOSE = "peer_close"
+    READ_ERROR = "read_error"
+    WRITE_ERROR = "write_error"
+    KEEPALIVE_TIMEOUT = "keepalive_timeout"
+    SLOW_CONSUMER = "slow_consumer"
+    MESSAGE_TOO_BIG = "message_too_big"
+    POLICY = "policy"
+    AUTH_EXPIRED = "auth_expired"
+    SHUTDOWN = "shutdown"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+#: The close code the server sends for each cause it initiates. Causes the peer or the
+#: transport initiate (peer_close, read_error, write_error) carry the code that was observed.
+CLOSE_CODE: dict[CloseCause, CloseCode] = {
+    CloseCause.PEER_CLOSE: CloseCode.NORMAL,
+    CloseCause.READ_ERROR: CloseCode.ABNORMAL,
+    CloseCause.WRITE_ERROR: CloseCode.ABNORMAL,
+    CloseCause.KEEPALIVE_TIMEOUT: CloseCode.INTERNAL_ERROR,
+    CloseCause.SLOW_CONSUMER: CloseCode.TRY_AGAIN_LATER,
+    CloseCause.MESSAGE_TOO_BIG: CloseCode.MESSAGE_TOO_BIG,
+    CloseCause.POLICY: CloseCode.POLICY_VIOLATION,
+    CloseCause.AUTH_EXPIRED: CloseCode.POLICY_VIOLATION,
+    CloseCause.SHUTDOWN: CloseCode.GOING_AWAY,
+}
+
+
+class GapReason(str, Enum):
+    """Why a client will not get events it should have had (DESIGN.md, `gap`)."""
+
+    HISTORY_EVICTED = "history_evicted"
+    SLOW_CONSUMER = "slow_consumer"
+    BUS_OUTAGE = "bus_outage"
+    EPOCH_CHANGED = "epoch_changed"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class ErrorCode(str, Enum):
+    """Codes of the `error` message (DESIGN.md, protocol v1)."""
+
+    BAD_JSON = "bad_json"
+    UNKNOWN_TYPE = "unknown_type"
+    INVALID_MESSAGE = "invalid_message"
+    FORBIDDEN = "forbidden"
+    RATE_LIMITED = "rate_limited"
+    TOO_MANY_TOPICS = "too_many_topics"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class OverflowPolicy(str, Enum):
+    """What happens when a client's bounded outbox is full (DESIGN.md, "Slow consumers")."""
+
+    DISCONNECT = "disconnect"
+    DROP_OLDEST = "drop_oldest"
+    KEEP_LATEST = "keep_latest"
+
+    def __str__(self) -> str:
+        return self.value
