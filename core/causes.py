@@ -7,7 +7,7 @@ close codes; 1013 ("try again later") is what the hub sends a slow consumer.
 
 from __future__ import annotations
 
-from enum import Enum, IntEnum
+from enum import IntEnum, StrEnum
 
 
 class CloseCode(IntEnum):
@@ -20,7 +20,7 @@ class CloseCode(IntEnum):
     TRY_AGAIN_LATER = 1013  # slow consumer: send queue overflow
 
 
-class CloseCause(str, Enum):
+class CloseCause(StrEnum):
     PEER_CLOSE = "peer_close"
     READ_ERROR = "read_error"
     WRITE_ERROR = "write_error"
@@ -30,9 +30,6 @@ class CloseCause(str, Enum):
     POLICY = "policy"
     AUTH_EXPIRED = "auth_expired"
     SHUTDOWN = "shutdown"
-
-    def __str__(self) -> str:
-        return self.value
 
 
 #: The close code the server sends for each cause it initiates. Causes the peer or the
@@ -50,7 +47,7 @@ CLOSE_CODE: dict[CloseCause, CloseCode] = {
 }
 
 
-class GapReason(str, Enum):
+class GapReason(StrEnum):
     """Why a client will not get events it should have had (DESIGN.md, `gap`)."""
 
     HISTORY_EVICTED = "history_evicted"
@@ -58,11 +55,8 @@ class GapReason(str, Enum):
     BUS_OUTAGE = "bus_outage"
     EPOCH_CHANGED = "epoch_changed"
 
-    def __str__(self) -> str:
-        return self.value
 
-
-class ErrorCode(str, Enum):
+class ErrorCode(StrEnum):
     """Codes of the `error` message (DESIGN.md, protocol v1)."""
 
     BAD_JSON = "bad_json"
@@ -72,16 +66,10 @@ class ErrorCode(str, Enum):
     RATE_LIMITED = "rate_limited"
     TOO_MANY_TOPICS = "too_many_topics"
 
-    def __str__(self) -> str:
-        return self.value
 
-
-class OverflowPolicy(str, Enum):
+class OverflowPolicy(StrEnum):
     """What happens when a client's bounded outbox is full (DESIGN.md, "Slow consumers")."""
 
     DISCONNECT = "disconnect"
     DROP_OLDEST = "drop_oldest"
     KEEP_LATEST = "keep_latest"
-
-    def __str__(self) -> str:
-        return self.value

@@ -1,0 +1,714 @@
+"""The hub: registry, subscriptions, routing, outboxes, keep-alive and history. Pure.
+
+Inputs are methods that record what happened, each with the current monotonic ``now``;
+decisions come out as frozen actions (``actions()``), outgoing frames wait in each client's
+bounded outbox (``drain()``), and ``next_deadline()`` says when to call ``tick()``.
+
+Rules and invariants (DESIGN.md, "Connection lifecycle"; checked after every step by
+``wirestate.core.checks``):
+
+1. Unregistration is the lifecycle table's ``unregister`` trigger, which leaves only from
+   ``closed`` (both pumps finished). The adapter calls ``unregister`` in its handler's
+   ``finally``; a call while a pump runs is refused (``MachineError``), a second one absorbed.
+2. Every path into closing carries a `CloseCause` (enforced by the table's callback).
+3. No event is queued for a client once its close has begun (``conn.accepting``); such
+   events are counted as dropped with reason ``closing``. No frame is handed to a writer that
+   has finished: its outbox is dropped (reason ``closed``).
+4. ``clients`` (the registry) and the subscription index hold exactly the registered,
+   not-yet-unregistered clients.
+5. A client whose close began gets ``Abort`` once ``close_timeout`` passes with a pump
+   still running, so a stuck pump cannot keep it registered.
+
+The hot path (``publish`` to N subscribers) serializes the event once and appends the same
+object to N bounded deques: no per-recipient object, no ``transitions`` trigger.
+
+Keep-alive: the hub pings each open client every ``ping_interval`` and closes it with
+``keepalive_timeout`` when the pong is ``ping_timeout`` late. When the adapter reports that its
+own event loop stalled (``loop_stalled``), pending pong deadlines that had not already passed
+before the stall are pushed back by the stall's length: a pong may be sitting unread in a
+socket buffer, and a busy hub must not mass-disconnect healthy peers.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections import Counter, deque
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Final
+
+import orjson
+
+from wirestate.core import lifecycle
+from wirestate.core.actions import Abort, Action, Ping
+from wirestate.core.causes import CloseCause, ErrorCode, GapReason, OverflowPolicy
+from wirestate.core.lifecycle import CLOSING_STATES, PUMPS, ConnState
+
+S = ConnState
+PROTOCOL_VERSION: Final = 1
+#: Topics the hub itself publishes on; clients may subscribe but never publish there.
+BUILTIN_TOPICS: Final = frozenset({"clients", "circuit_breaker", "system_status"})
+
+_PING, _PONG, _CLOSE = 0, 1, 2  # timer kinds
+
+
+@dataclass(frozen=True)
+class HubConfig:
+    """The hub's policy knobs. Defaults are DESIGN.md's."""
+
+    ping_interval: float = 30.0
+    ping_timeout: float = 10.0
+    send_queue_size: int = 256
+    close_timeout: float = 5.0
+    history_size: int = 1000
+    history_max_age: float = 600.0
+    max_subscriptions: int = 100
+    #: consecutive invalid frames answered with ``error`` before a close with ``policy``
+    bad_input_limit: int = 5
+    default_overflow: OverflowPolicy = OverflowPolicy.DISCONNECT
+    overflow: Mapping[str, OverflowPolicy] = field(default_factory=dict)
+    #: may clients publish with the ``publish`` message (auth may narrow this per client)
+    client_publish: bool = True
+    #: topics only the server publishes on (sources add theirs)
+    reserved_topics: frozenset[str] = BUILTIN_TOPICS
+
+    def __post_init__(self) -> None:
+        for name in ("ping_interval", "ping_timeout", "close_timeout", "history_max_age"):
+            value = getattr(self, name)
+            if not value > 0:  # also rejects NaN
+                raise ValueError(f"{name} must be > 0, got {value!r}")
+        for name in ("send_queue_size", "history_size", "max_subscriptions", "bad_input_limit"):
+            value = getattr(self, name)
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value!r}")
+
+    def policy(self, topic: str) -> OverflowPolicy:
+        return self.overflow.get(topic, self.default_overflow)
+
+
+class _Event:
+    """One published event: serialized once, shared by every outbox and the history."""
+
+    __slots__ = ("at", "frame", "seq", "topic")
+
+    def __init__(self, topic: str, seq: int, at: float, frame: bytes) -> None:
+        self.topic = topic
+        self.seq = seq
+        self.at = at
+        self.frame = frame
+
+
+class Topic:
+    """Per-topic sequence, epoch, bounded history, retained latest event and subscribers."""
+
+    __slots__ = ("epoch", "history", "name", "policy", "retained", "seq", "subscribers")
+
+    def __init__(self, name: str, epoch: str, size: int, policy: OverflowPolicy) -> None:
+        self.name = name
+        self.epoch = epoch
+        self.seq = 0
+        self.history: deque[_Event] = deque(maxlen=size)
+        self.retained: _Event | None = None
+        self.policy = policy
+        self.subscribers: dict[str, Connection] = {}
+
+
+class Connection:
+    """One client as the core sees it: the lifecycle model plus its outbox and timers.
+
+    Returned by ``Hub.connect``; the adapter passes it back with every input. Equality is
+    identity (the shared machine must never confuse two connections).
+    """
+
+    __slots__ = (
+        "accepting",
+        "bad_inputs",
+        "cause",
+        "client_id",
+        "close_code",
+        "close_deadline",
+        "closing_at",
+        "next_ping_at",
+        "opened_at",
+        "outbox",
+        "owed",
+        "ping_sent_at",
+        "pong_deadline",
+        "rtt",
+        "state",
+        "topics",
+    )
+
+    def __init__(self, client_id: str, now: float) -> None:
+        self.client_id = client_id
+        self.state = S.HANDSHAKING
+        self.accepting = False
+        self.cause: CloseCause | None = None
+        self.close_code: int | None = None
+        self.opened_at = now
+        self.closing_at: float | None = None
+        self.close_deadline: float | None = None
+        self.outbox: deque[_Event | bytes] = deque()
+        self.owed: dict[str, list[list[int]]] | None = None  # gap ranges owed per topic
+        self.topics: set[str] = set()
+        self.next_ping_at: float | None = None
+        self.ping_sent_at: float | None = None
+        self.pong_deadline: float | None = None
+        self.rtt: float | None = None
+        self.bad_inputs = 0
+
+    def __repr__(self) -> str:
+        return f"<Connection {self.client_id} {self.state.value}>"
+
+    def clone(self) -> Connection:
+        """An independent copy (for the checkers, which branch the hub at every step)."""
+        n = Connection.__new__(Connection)
+        n.client_id = self.client_id
+        n.state = self.state
+        n.accepting = self.accepting
+        n.cause = self.cause
+        n.close_code = self.close_code
+        n.opened_at = self.opened_at
+        n.closing_at = self.closing_at
+        n.close_deadline = self.close_deadline
+        n.outbox = self.outbox.copy()
+        n.owed = {k: [r.copy() for r in v] for k, v in self.owed.items()} if self.owed else None
+        n.topics = self.topics.copy()
+        n.next_ping_at = self.next_ping_at
+        n.ping_sent_at = self.ping_sent_at
+        n.pong_deadline = self.pong_deadline
+        n.rtt = self.rtt
+        n.bad_inputs = self.bad_inputs
+        return n
+
+
+@dataclass
+class HubStats:
+    """Counters the adapter exports as metrics (DESIGN.md metric names in comments)."""
+
+    disconnects: Counter[str] = field(default_factory=Counter)  # wirestate_disconnects_total
+    dropped: Counter[str] = field(default_factory=Counter)  # wirestate_messages_dropped_total
+    sent: int = 0  # wirestate_messages_sent_total (frames handed to writers)
+    published: int = 0
+    pings: int = 0
+    loop_stalls: int = 0
+    loop_stall_seconds: float = 0.0
+    stall_extensions: int = 0  # pong deadlines pushed back by a stall
+    aborts: int = 0
+
+
+_OPTS: Final = orjson.OPT_NON_STR_KEYS
+
+
+def _dumps(value: Any) -> bytes:
+    """Compact JSON, once per event (orjson: the hot path's only serialization)."""
+    return orjson.dumps(value, option=_OPTS)
+
+
+_frame = _dumps
+
+
+class _WallStamp:
+    """Formats ``ts`` cheaply: the date-time prefix is rebuilt only when the second changes."""
+
+    __slots__ = ("prefix", "second")
+
+    def __init__(self) -> None:
+        self.second = -1
+        self.prefix = ""
+
+    def __call__(self, wall: float) -> str:
+        second = int(wall // 1)
+        if second != self.second:
+            self.second = second
+            self.prefix = datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+        millis = min(int((wall - second) * 1000), 999)
+        return f"{self.prefix}.{millis:03d}Z"
+
+
+def iso_utc(wall: float) -> str:
+    """Wall seconds since the epoch as ``2026-11-25T16:00:00.000Z`` (UTC, milliseconds)."""
+    return _WallStamp()(wall)
+
+
+class Hub:
+    """The pure hub. Not thread-safe; one per event loop.
+
+    ``epoch`` names this node's sequence space (the adapter passes a fresh random id at
+    start): a client resuming with another epoch is told ``epoch_changed``. ``wall_offset``
+    is added to ``now`` to stamp events (``ts``) without the core reading a wall clock.
+    """
+
+    def __init__(
+        self, config: HubConfig | None = None, *, epoch: str = "0", wall_offset: float = 0.0
+    ) -> None:
+        self.config = config or HubConfig()
+        self.epoch = epoch
+        self.wall_offset = wall_offset
+        self.clients: dict[str, Connection] = {}  # the registry
+        self.topics: dict[str, Topic] = {}
+        self.stats = HubStats()
+        self._actions: list[Action] = []
+        self._ready: list[str] = []
+        self._timers: list[tuple[float, int, str, int]] = []
+        self._timer_seq = 0
+        self._stamp = _WallStamp()
+
+    # -- outputs -------------------------------------------------------------------------
+
+    def actions(self) -> list[Action]:
+        """Drain the decisions taken since the last call, in order."""
+        out, self._actions = self._actions, []
+        return out
+
+    def take_ready(self) -> list[str]:
+        """Drain the ids of clients whose outbox became non-empty (may repeat an id)."""
+        out, self._ready = self._ready, []
+        return out
+
+    def next_deadline(self) -> float | None:
+        """When ``tick`` should next be called; None when no timer is armed. It may be
+        early (a timer since cancelled); a tick then does nothing."""
+        return self._timers[0][0] if self._timers else None
+
+    def drain(self, conn: Connection) -> list[bytes]:
+        """Everything queued for the client's writer, in order, with owed gaps in place.
+
+        Call it from the writer only; it returns nothing once the writer has finished.
+        """
+        q = conn.outbox
+        if not q and conn.owed is None:
+            return []
+        owed = conn.owed
+        if owed is None:
+            out = [e if e.__class__ is bytes else e.frame for e in q]  # type: ignore[union-attr]
+        else:
+            out = []
+            for e in q:
+                if e.__class__ is bytes:
+                    out.append(e)
+                    continue
+                ranges = owed.get(e.topic)  # type: ignore[union-attr]
+                if ranges:
+                    while ranges and ranges[0][1] < e.seq:  # type: ignore[union-attr]
+                        lo, hi = ranges.pop(0)
+                        out.append(self._gap_frame(e.topic, lo, hi, GapReason.SLOW_CONSUMER))  # type: ignore[union-attr]
+                out.append(e.frame)  # type: ignore[union-attr]
+            for topic, ranges in owed.items():
+                for lo, hi in ranges:
+                    out.append(self._gap_frame(topic, lo, hi, GapReason.SLOW_CONSUMER))
+            conn.owed = None
+        q.clear()
+        self.stats.sent += len(out)
+        return out
+
+    # -- lifecycle inputs ----------------------------------------------------------------
+
+    def connect(self, client_id: str, now: float) -> Connection:
+        """A WebSocket upgrade began. Follow with ``accept`` or ``reject``."""
+        return Connection(client_id, now)
+
+    def reject(self, conn: Connection, cause: CloseCause, now: float) -> None:
+        """Refuse the handshake (auth, origin, limits, shutdown)."""
+        self._fire(conn, "reject", now, cause=cause)
+
+    def accept(self, conn: Connection, now: float) -> None:
+        """The handshake succeeded: register the client and queue its welcome. Events
+        published from now on are queued for it; start the pumps, then call ``start``."""
+        if conn.client_id in self.clients:
+            raise ValueError(f"client id {conn.client_id!r} is already registered")
+        self._fire(conn, "accept", now)
+        self.clients[conn.client_id] = conn
+        cfg = self.config
+        self._queue_control(
+            conn,
+            {
+                "type": "welcome",
+                "client_id": conn.client_id,
+                "protocol": PROTOCOL_VERSION,
+                "ping_interval": cfg.ping_interval,
+                "ping_timeout": cfg.ping_timeout,
+            },
+            now,
+        )
+        self.publish("clients", {"event": "connected", "client_id": conn.client_id}, now)
+
+    def start(self, conn: Connection, now: float) -> None:
+        """The reader and the writer are running: the connection is open."""
+        self._fire(conn, "start", now)
+        if conn.state is S.OPEN:
+            conn.next_ping_at = now + self.config.ping_interval
+            self._arm(conn.next_ping_at, conn, _PING)
+
+    def close(
+        self, conn: Connection, cause: CloseCause, now: float, code: int | None = None
+    ) -> None:
+        """The server closes the connection (policy, auth expiry...). Idempotent."""
+        self._fire(conn, "close", now, cause=cause, code=code)
+
+    def reader_done(
+        self, conn: Connection, now: float, cause: CloseCause, code: int | None = None
+    ) -> None:
+        """The reader returned. ``cause`` says why (peer_close with the peer's ``code``,
+        read_error, message_too_big...); it is the close cause if none was recorded yet."""
+        self._fire(conn, "reader_done", now, cause=cause, code=code)
+
+    def writer_done(self, conn: Connection, now: float, cause: CloseCause | None = None) -> None:
+        """The writer returned. From ``open`` this means a write failed (``write_error``)."""
+        self._fire(conn, "writer_done", now, cause=cause or CloseCause.WRITE_ERROR, code=None)
+
+    def unregister(self, conn: Connection, now: float) -> None:
+        """Leave the registry. Call once both pumps have finished (the handler's
+        ``finally``); raises ``MachineError`` while one still runs; a repeat is absorbed."""
+        self._fire(conn, "unregister", now)
+
+    def shutdown(self, now: float) -> None:
+        """Close every registered client with cause ``shutdown`` (close code 1001)."""
+        for conn in list(self.clients.values()):
+            self._fire(conn, "close", now, cause=CloseCause.SHUTDOWN)
+
+    # -- traffic inputs ------------------------------------------------------------------
+
+    def pong_received(self, conn: Connection, now: float) -> None:
+        """A protocol pong arrived. Unsolicited pongs are ignored (RFC 6455 section 5.5.3)."""
+        if conn.pong_deadline is not None and conn.ping_sent_at is not None:
+            conn.rtt = now - conn.ping_sent_at
+            conn.pong_deadline = None
+
+    def bad_input(self, conn: Connection, code: ErrorCode, message: str, now: float) -> None:
+        """The peer sent a frame that is not a valid v1 message. ``message`` must be a fixed
+        text (never the input or exception text). Repeated abuse closes with ``policy``."""
+        if not conn.accepting:
+            return
+        conn.bad_inputs += 1
+        if conn.bad_inputs >= self.config.bad_input_limit:
+            self._fire(conn, "close", now, cause=CloseCause.POLICY)
+            return
+        self._error(conn, code, message, now)
+
+    def subscribe(
+        self,
+        conn: Connection,
+        topics: Iterable[str],
+        now: float,
+        since: Mapping[str, int | tuple[int, str | None]] | None = None,
+    ) -> None:
+        """Subscribe; ``since[topic]`` is the last seq the client has (optionally with the
+        epoch it was counted in). Queues ``subscribed``, then per topic either the events
+        after ``since`` (and a ``gap`` for what history lost) or the retained latest event."""
+        if not conn.accepting:
+            return
+        conn.bad_inputs = 0
+        wanted = list(dict.fromkeys(topics))
+        if len(conn.topics.union(wanted)) > self.config.max_subscriptions:
+            self._error(
+                conn,
+                ErrorCode.TOO_MANY_TOPICS,
+                f"at most {self.config.max_subscriptions} topics per client",
+                now,
+            )
+            return
+        since = since or {}
+        recovered: dict[str, bool] = {}
+        epochs: dict[str, str] = {}
+        plans: list[tuple[Topic, list[bytes | _Event]]] = []
+        for name in wanted:
+            topic = self._topic(name)
+            epochs[name] = topic.epoch
+            ok, frames = self._resume_plan(topic, since.get(name), now)
+            recovered[name] = ok
+            plans.append((topic, frames))
+        self._queue_control(
+            conn,
+            {"type": "subscribed", "topics": wanted, "recovered": recovered, "epoch": epochs},
+            now,
+        )
+        for topic, frames in plans:
+            if conn.cause is not None:  # an overflow while queueing began the close
+                return
+            topic.subscribers[conn.client_id] = conn
+            conn.topics.add(topic.name)
+            for f in frames:
+                self._queue(conn, f, now)
+
+    def unsubscribe(self, conn: Connection, topics: Iterable[str], now: float) -> None:
+        """Stop events of ``topics``; events of them still queued are withdrawn."""
+        if not conn.accepting:
+            return
+        conn.bad_inputs = 0
+        gone = conn.topics.intersection(topics)
+        for name in gone:
+            del self.topics[name].subscribers[conn.client_id]
+            if conn.owed:
+                conn.owed.pop(name, None)
+        conn.topics -= gone
+        if gone and conn.outbox:
+            kept = [e for e in conn.outbox if e.__class__ is bytes or e.topic not in gone]  # type: ignore[union-attr]
+            conn.outbox.clear()
+            conn.outbox.extend(kept)
+
+    def app_ping(self, conn: Connection, ping_id: str, now: float) -> None:
+        """The application-level ``ping`` (browsers cannot send protocol pings)."""
+        if not conn.accepting:
+            return
+        conn.bad_inputs = 0
+        self._queue_control(conn, {"type": "pong", "id": ping_id}, now)
+
+    def client_publish(self, conn: Connection, topic: str, data: Any, now: float) -> int | None:
+        """A client's ``publish`` message; returns the seq, or None when refused."""
+        if not conn.accepting:
+            return None
+        conn.bad_inputs = 0
+        if not self.config.client_publish or topic in self.config.reserved_topics:
+            self._error(conn, ErrorCode.FORBIDDEN, "publishing to this topic is not allowed", now)
+            return None
+        return self.publish(topic, data, now)
+
+    # -- publishing ----------------------------------------------------------------------
+
+    def publish(
+        self,
+        topic_name: str,
+        data: Any,
+        now: float,
+        *,
+        stale: bool = False,
+        age: float | None = None,
+    ) -> int:
+        """Publish an event to every subscriber of the topic; returns its seq.
+
+        ``data`` must be JSON-serializable (``TypeError`` otherwise, before anything
+        changes). Never waits: a full outbox is handled by the topic's overflow policy."""
+        body = _dumps(data).decode()
+        topic = self._topic(topic_name)
+        seq = topic.seq + 1
+        if not stale:
+            stale_part = ',"stale":false'
+        elif age is None:
+            stale_part = ',"stale":true'
+        else:
+            stale_part = f',"stale":true,"age":{age!r}'
+        frame = (
+            f'{{"type":"event","topic":{_dumps(topic_name).decode()},"seq":{seq},'
+            f'"ts":"{self._stamp(now + self.wall_offset)}","data":{body}{stale_part}}}'
+        ).encode()
+        topic.seq = seq
+        event = _Event(topic_name, seq, now, frame)
+        history = topic.history
+        history.append(event)
+        horizon = now - self.config.history_max_age
+        while history[0].at < horizon:
+            history.popleft()
+        topic.retained = event
+        self.stats.published += 1
+
+        limit = self.config.send_queue_size
+        ready = self._ready
+        closing = 0
+        for conn in topic.subscribers.values():
+            if not conn.accepting:
+                closing += 1
+                continue
+            q = conn.outbox
+            n = len(q)
+            if n < limit:
+                q.append(event)
+                if not n:
+                    ready.append(conn.client_id)
+            else:
+                self._overflow(conn, topic, event, now)
+        if closing:
+            self.stats.dropped["closing"] += closing
+        return seq
+
+    # -- time ----------------------------------------------------------------------------
+
+    def tick(self, now: float) -> None:
+        """Fire every timer due at ``now``: pings, pong deadlines, close timeouts."""
+        timers = self._timers
+        while timers and timers[0][0] <= now:
+            when, _, client_id, kind = heapq.heappop(timers)
+            conn = self.clients.get(client_id)
+            if conn is None:
+                continue
+            if kind == _PING:
+                if conn.next_ping_at != when or conn.state is not S.OPEN:
+                    continue
+                if conn.pong_deadline is None:
+                    conn.ping_sent_at = now
+                    conn.pong_deadline = now + self.config.ping_timeout
+                    self._arm(conn.pong_deadline, conn, _PONG)
+                    self._actions.append(Ping(client_id))
+                    self.stats.pings += 1
+                conn.next_ping_at = now + self.config.ping_interval
+                self._arm(conn.next_ping_at, conn, _PING)
+            elif kind == _PONG:
+                if conn.pong_deadline != when or conn.state is not S.OPEN:
+                    continue
+                self._fire(conn, "close", now, cause=CloseCause.KEEPALIVE_TIMEOUT)
+            elif conn.close_deadline == when and PUMPS[conn.state] != (False, False):
+                conn.close_deadline = None
+                self._actions.append(Abort(client_id))
+                self.stats.aborts += 1
+
+    def loop_stalled(self, now: float, duration: float) -> None:
+        """The adapter's event loop was blocked for ``duration`` seconds, ending at ``now``.
+
+        Pong deadlines still pending when the stall began are extended by ``duration``.
+        Report a stall before the ``tick`` that follows it."""
+        if not duration > 0:
+            return
+        self.stats.loop_stalls += 1
+        self.stats.loop_stall_seconds += duration
+        began = now - duration
+        for conn in self.clients.values():
+            deadline = conn.pong_deadline
+            if deadline is not None and deadline >= began and conn.state is S.OPEN:
+                conn.pong_deadline = deadline + duration
+                self._arm(conn.pong_deadline, conn, _PONG)
+                self.stats.stall_extensions += 1
+
+    # -- internals -----------------------------------------------------------------------
+
+    def _fire(self, conn: Connection, trigger: str, now: float, **kwargs: Any) -> None:
+        before = conn.state
+        lifecycle.fire(conn, trigger, now=now, out=self._actions, **kwargs)
+        after = conn.state
+        if after is before:
+            return
+        if after in CLOSING_STATES and before not in CLOSING_STATES:
+            conn.pong_deadline = None
+            if PUMPS[after] != (False, False):
+                conn.close_deadline = now + self.config.close_timeout
+                self._arm(conn.close_deadline, conn, _CLOSE)
+        if not PUMPS[after][1] and (conn.outbox or conn.owed):
+            # The writer is gone: what it never wrote is lost, and counted.
+            self.stats.dropped["closed"] += len(conn.outbox)
+            conn.outbox.clear()
+            conn.owed = None
+        if after is S.UNREGISTERED and self.clients.get(conn.client_id) is conn:
+            del self.clients[conn.client_id]
+            for name in conn.topics:
+                self.topics[name].subscribers.pop(conn.client_id, None)
+            cause = conn.cause.value if conn.cause else None
+            self.stats.disconnects[cause or "unknown"] += 1
+            self.publish(
+                "clients",
+                {
+                    "event": "disconnected",
+                    "client_id": conn.client_id,
+                    "cause": cause,
+                    "code": conn.close_code,
+                    "duration": round(now - conn.opened_at, 6),
+                },
+                now,
+            )
+
+    def _arm(self, when: float, conn: Connection, kind: int) -> None:
+        self._timer_seq += 1
+        heapq.heappush(self._timers, (when, self._timer_seq, conn.client_id, kind))
+
+    def _topic(self, name: str) -> Topic:
+        topic = self.topics.get(name)
+        if topic is None:
+            cfg = self.config
+            topic = Topic(name, self.epoch, cfg.history_size, cfg.policy(name))
+            self.topics[name] = topic
+        return topic
+
+    def _resume_plan(
+        self, topic: Topic, since: int | tuple[int, str | None] | None, now: float
+    ) -> tuple[bool, list[bytes | _Event]]:
+        """(recovered, frames to queue) for a subscriber that has everything up to ``since``."""
+        if since is None:
+            return True, [topic.retained] if topic.retained else []
+        seq, epoch = since if isinstance(since, tuple) else (since, None)
+        if (epoch is not None and epoch != topic.epoch) or seq > topic.seq:
+            # Another sequence space (a restarted node): the client cannot resume into it.
+            gap = self._gap_frame(topic.name, None, None, GapReason.EPOCH_CHANGED)
+            return False, [gap, *([topic.retained] if topic.retained else [])]
+        history = topic.history
+        horizon = now - self.config.history_max_age
+        while history and history[0].at < horizon:
+            history.popleft()
+        if seq >= topic.seq:
+            return True, []
+        first = history[0].seq if history else topic.seq + 1
+        frames: list[bytes | _Event] = []
+        recovered = first <= seq + 1
+        if not recovered:
+            frames.append(
+                self._gap_frame(topic.name, seq + 1, first - 1, GapReason.HISTORY_EVICTED)
+            )
+        frames.extend(e for e in history if e.seq > seq)
+        return recovered, frames
+
+    def _gap_frame(self, topic: str, lo: int | None, hi: int | None, reason: GapReason) -> bytes:
+        return _frame(
+            {"type": "gap", "topic": topic, "from_seq": lo, "to_seq": hi, "reason": reason.value}
+        )
+
+    def _error(self, conn: Connection, code: ErrorCode, message: str, now: float) -> None:
+        self._queue_control(conn, {"type": "error", "code": code.value, "message": message}, now)
+
+    def _queue_control(self, conn: Connection, msg: dict[str, Any], now: float) -> None:
+        self._queue(conn, _frame(msg), now)
+
+    def _queue(self, conn: Connection, entry: bytes | _Event, now: float) -> None:
+        """Queue one entry for a client outside the publish loop (control frames, replay)."""
+        if not conn.accepting:
+            self.stats.dropped["closing"] += 1
+            return
+        q = conn.outbox
+        n = len(q)
+        if n < self.config.send_queue_size:
+            q.append(entry)
+            if not n:
+                self._ready.append(conn.client_id)
+        elif entry.__class__ is bytes:
+            # A client that will not read its own replies is a slow consumer.
+            self.stats.dropped["slow_consumer"] += 1
+            self._fire(conn, "close", now, cause=CloseCause.SLOW_CONSUMER)
+        else:
+            topic = self.topics[entry.topic]  # type: ignore[union-attr]
+            self._overflow(conn, topic, entry, now)  # type: ignore[arg-type]
+
+    def _overflow(self, conn: Connection, topic: Topic, event: _Event, now: float) -> None:
+        """The outbox is full: apply the topic's policy. Lossy policies owe a ``gap``."""
+        policy = topic.policy
+        self.stats.dropped["slow_consumer"] += 1
+        if policy is OverflowPolicy.DISCONNECT:
+            self._fire(conn, "close", now, cause=CloseCause.SLOW_CONSUMER)
+            return
+        q = conn.outbox
+        victim: _Event | None = None
+        if policy is OverflowPolicy.KEEP_LATEST:
+            for e in q:
+                if e.__class__ is not bytes and e.topic == topic.name:  # type: ignore[union-attr]
+                    victim = e  # type: ignore[assignment]
+                    break
+        if victim is None:
+            for e in q:
+                if e.__class__ is not bytes:
+                    victim = e  # type: ignore[assignment]
+                    break
+        if victim is None:
+            # Only control frames queued: the new event itself is the loss.
+            self._owe(conn, event.topic, event.seq)
+            return
+        q.remove(victim)
+        self._owe(conn, victim.topic, victim.seq)
+        q.append(event)
+
+    def _owe(self, conn: Connection, topic: str, seq: int) -> None:
+        if conn.owed is None:
+            conn.owed = {}
+        ranges = conn.owed.setdefault(topic, [])
+        for r in ranges:
+            if r[1] + 1 == seq:
+                r[1] = seq
+                break
+        else:
+            ranges.append([seq, seq])
+            ranges.sort()

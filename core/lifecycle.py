@@ -1,0 +1,283 @@
+"""The connection lifecycle: one `transitions` table shared by every connection.
+
+Rules of this module (the checker in `wirestate.core.explore` and the Hypothesis machine in
+`wirestate.core.stateful` enforce them on the running hub, not only on this table):
+
+* The state says which pumps run. ``open`` and ``closing`` have both the reader and the
+  writer running; ``closing_reader_done`` only the writer; ``closing_writer_done`` only the
+  reader; ``closed`` neither. ``registering`` has none yet (the adapter starts them and
+  reports ``start``).
+* ``unregister`` leaves only from ``closed``: a client is unregistered only after both of its
+  pumps have finished, and only once (``unregistered`` absorbs every later input). This is
+  the guard the original Go handler lacked: it unregistered when ``readPump`` returned,
+  whatever its writer was doing.
+* Every transition into a closing state records a `CloseCause` (``_record_cause``); the first
+  cause wins, later ones are ignored. A transition without one is a caller error.
+* ``accepting`` (may events be queued for this client?) is true only in ``registering`` and
+  ``open``; it drops when closing begins and never comes back.
+* Pairs of (state, trigger) not in the table are refusals: the trigger raises
+  ``transitions.MachineError`` and the state is unchanged. They are caller misuse (for
+  example reporting the writer finished twice); peers cannot cause them, because the hub
+  only fires triggers for inputs its adapter observed.
+
+One module-level ``MACHINE`` (``model=None``) defines the lifecycle for all connections: a
+connection is a plain object with a ``state`` attribute, never registered with ``add_model``
+(which costs O(n) per add and ~50 GC-tracked objects per connection; shared/notes/
+tech-notes.md, section 1). ``fire(conn, trigger, ...)`` runs a transition. It executes the
+machine's own transitions and callbacks through a dispatch dict compiled from ``MACHINE``
+(recompiled whenever ``MACHINE`` is replaced, as the mutation tests do): a
+``MACHINE.events[name].trigger`` call costs 12-15 us on these hosts, five of them per
+connection would overspend the core's 50 us budget, and the dict costs about 1 us. The
+compiler refuses machine features it does not execute (conditions, state callbacks...), and
+a test fires every (state, trigger) pair both ways and requires identical results.
+"""
+
+from __future__ import annotations
+
+import logging
+from enum import StrEnum
+from typing import Any
+
+from transitions import EventData, Machine, MachineError
+
+from wirestate.core.actions import Close, Reject, Unregistered
+from wirestate.core.causes import CLOSE_CODE, CloseCause
+
+
+class ConnState(StrEnum):
+    HANDSHAKING = "handshaking"
+    REJECTED = "rejected"
+    REGISTERING = "registering"
+    OPEN = "open"
+    CLOSING = "closing"  # close begun; reader and writer still run
+    CLOSING_READER_DONE = "closing_reader_done"  # only the writer still runs
+    CLOSING_WRITER_DONE = "closing_writer_done"  # only the reader still runs
+    CLOSED = "closed"  # neither pump runs; unregistration is now allowed
+    UNREGISTERED = "unregistered"
+
+
+S = ConnState
+
+#: States in which events may be queued for the client (invariant 3).
+ACCEPTING = frozenset({S.REGISTERING, S.OPEN})
+#: States in which the client is in the registry and the subscription index (invariant 4).
+REGISTERED = frozenset(
+    {S.REGISTERING, S.OPEN, S.CLOSING, S.CLOSING_READER_DONE, S.CLOSING_WRITER_DONE, S.CLOSED}
+)
+#: States a close has begun in (invariant 2: each carries a cause).
+CLOSING_STATES = frozenset({S.CLOSING, S.CLOSING_READER_DONE, S.CLOSING_WRITER_DONE, S.CLOSED})
+#: Which pumps run in each state (reader, writer).
+PUMPS: dict[ConnState, tuple[bool, bool]] = {
+    S.HANDSHAKING: (False, False),
+    S.REJECTED: (False, False),
+    S.REGISTERING: (False, False),
+    S.OPEN: (True, True),
+    S.CLOSING: (True, True),
+    S.CLOSING_READER_DONE: (False, True),
+    S.CLOSING_WRITER_DONE: (True, False),
+    S.CLOSED: (False, False),
+    S.UNREGISTERED: (False, False),
+}
+TERMINAL = frozenset({S.REJECTED, S.UNREGISTERED})
+
+
+def _record_cause(ev: EventData) -> None:
+    """Entering a closing state: keep the first cause, stop accepting, queue the close."""
+    conn: Any = ev.model
+    conn.accepting = False
+    if conn.cause is not None:
+        return
+    cause = ev.kwargs.get("cause")
+    if not isinstance(cause, CloseCause):
+        # A caller bug, not a peer's: every path into closing must say why.
+        raise ValueError(f"a close needs a CloseCause, got {cause!r}")
+    code = ev.kwargs.get("code")
+    conn.cause = cause
+    conn.close_code = code if code is not None else CLOSE_CODE[cause]
+    conn.closing_at = ev.kwargs["now"]
+    out = ev.kwargs["out"]
+    if conn.state is S.HANDSHAKING:  # before-callback: still the source state
+        out.append(Reject(conn.client_id, cause))
+    else:
+        out.append(Close(conn.client_id, conn.close_code, cause, cause.value))
+
+
+def _accepting(ev: EventData) -> None:
+    conn: Any = ev.model
+    conn.accepting = True
+
+
+def _unregistered(ev: EventData) -> None:
+    conn: Any = ev.model
+    ev.kwargs["out"].append(
+        Unregistered(conn.client_id, conn.cause, conn.close_code, ev.kwargs["now"] - conn.opened_at)
+    )
+
+
+#: The table. Order matters only where a trigger has several rows for one source (none do).
+TRANSITIONS: list[dict[str, Any]] = [
+    {"trigger": "accept", "source": S.HANDSHAKING, "dest": S.REGISTERING, "after": _accepting},
+    {"trigger": "reject", "source": S.HANDSHAKING, "dest": S.REJECTED, "before": _record_cause},
+    {"trigger": "start", "source": S.REGISTERING, "dest": S.OPEN},
+    # A close the server decides (keep-alive, overflow, policy, shutdown...).
+    {"trigger": "close", "source": S.HANDSHAKING, "dest": S.REJECTED, "before": _record_cause},
+    {"trigger": "close", "source": S.REGISTERING, "dest": S.CLOSED, "before": _record_cause},
+    {"trigger": "close", "source": S.OPEN, "dest": S.CLOSING, "before": _record_cause},
+    # Already closing: the first cause stands; nothing changes.
+    {
+        "trigger": "close",
+        "source": [S.CLOSING, S.CLOSING_READER_DONE, S.CLOSING_WRITER_DONE, S.CLOSED],
+        "dest": None,
+    },
+    # The reader finished: the peer closed, or reading failed. From open this begins the close.
+    {
+        "trigger": "reader_done",
+        "source": S.OPEN,
+        "dest": S.CLOSING_READER_DONE,
+        "before": _record_cause,
+    },
+    {"trigger": "reader_done", "source": S.CLOSING, "dest": S.CLOSING_READER_DONE},
+    {"trigger": "reader_done", "source": S.CLOSING_WRITER_DONE, "dest": S.CLOSED},
+    # The writer finished: a failed write from open, or its normal end once closing.
+    {
+        "trigger": "writer_done",
+        "source": S.OPEN,
+        "dest": S.CLOSING_WRITER_DONE,
+        "before": _record_cause,
+    },
+    {"trigger": "writer_done", "source": S.CLOSING, "dest": S.CLOSING_WRITER_DONE},
+    {"trigger": "writer_done", "source": S.CLOSING_READER_DONE, "dest": S.CLOSED},
+    # The guarded transition: only once both pumps have finished.
+    {"trigger": "unregister", "source": S.CLOSED, "dest": S.UNREGISTERED, "after": _unregistered},
+    # Terminal states absorb every later input.
+    *(
+        {"trigger": t, "source": [S.REJECTED, S.UNREGISTERED], "dest": None}
+        for t in ("accept", "reject", "start", "close", "reader_done", "writer_done", "unregister")
+    ),
+]
+
+TRIGGERS: tuple[str, ...] = (
+    "accept",
+    "reject",
+    "start",
+    "close",
+    "reader_done",
+    "writer_done",
+    "unregister",
+)
+
+#: Where each trigger may be fired and what it means (the table test checks that every
+#: (state, trigger) pair not in the table is one of these refusals and leaves the state as is).
+REFUSALS: dict[tuple[ConnState, str], str] = {
+    **{(s, "accept"): "only a handshaking connection can be accepted" for s in REGISTERED},
+    **{(s, "reject"): "only a handshake can be rejected" for s in REGISTERED},
+    **{(s, "start"): "pumps start once, after registering" for s in REGISTERED - {S.REGISTERING}},
+    (S.HANDSHAKING, "start"): "pumps start after registering",
+    **{
+        (s, t): "no pump runs here"
+        for s in (S.HANDSHAKING, S.REGISTERING, S.CLOSING_READER_DONE, S.CLOSED)
+        for t in ("reader_done",)
+    },
+    **{
+        (s, t): "no pump runs here"
+        for s in (S.HANDSHAKING, S.REGISTERING, S.CLOSING_WRITER_DONE, S.CLOSED)
+        for t in ("writer_done",)
+    },
+    **{
+        (s, "unregister"): "unregistration waits for both pumps to finish"
+        for s in (
+            S.HANDSHAKING,
+            S.REGISTERING,
+            S.OPEN,
+            S.CLOSING,
+            S.CLOSING_READER_DONE,
+            S.CLOSING_WRITER_DONE,
+        )
+    },
+}
+
+
+def build_machine(transitions: list[dict[str, Any]]) -> Machine:
+    """A shared, model-less machine for a lifecycle table (tests build mutants with it)."""
+    return Machine(
+        model=None,
+        states=ConnState,
+        transitions=transitions,
+        initial=S.HANDSHAKING,
+        auto_transitions=False,
+        send_event=True,
+    )
+
+
+# Ignored and refused triggers log at WARNING and every trigger at DEBUG; neither belongs in
+# a hub's logs (the hub reports refusals itself), and the level check is the cheap path.
+logging.getLogger("transitions").setLevel(logging.ERROR)
+
+MACHINE = build_machine(TRANSITIONS)
+
+
+_Row = tuple[ConnState | None, tuple[Any, ...], tuple[Any, ...]]  # dest, before, after
+_compiled: tuple[Machine, dict[tuple[str, str], _Row]] | None = None
+
+
+def compile_machine(machine: Machine) -> dict[tuple[str, str], _Row]:
+    """(source state name, trigger) -> (dest or None for internal, before, after callbacks).
+
+    Raises ``ValueError`` for any feature ``fire`` would not honour, so the dict can never
+    silently diverge from the machine it came from."""
+    unsupported = (
+        machine.prepare_event,
+        machine.finalize_event,
+        machine.before_state_change,
+        machine.after_state_change,
+        machine.on_exception,
+    )
+    if any(unsupported):
+        raise ValueError("fire() does not run machine-level callbacks")
+    for state in machine.states.values():
+        if state.on_enter or state.on_exit:
+            raise ValueError(f"fire() does not run on_enter/on_exit (state {state.name})")
+    table: dict[tuple[str, str], _Row] = {}
+    for name, event in machine.events.items():
+        for source, rows in event.transitions.items():
+            first = rows[0]
+            if first.conditions or first.prepare or len(rows) > 1:
+                raise ValueError(f"fire() does not run conditions ({name} from {source})")
+            for cb in (*first.before, *first.after):
+                if not callable(cb):
+                    raise ValueError(f"callbacks must be callables, not names ({name})")
+            dest = None if first.dest is None else ConnState[first.dest]
+            table[(source, name)] = (dest, tuple(first.before), tuple(first.after))
+    return table
+
+
+def _table() -> dict[tuple[str, str], _Row]:
+    global _compiled
+    machine = MACHINE
+    if _compiled is None or _compiled[0] is not machine:
+        _compiled = (machine, compile_machine(machine))
+    return _compiled[1]
+
+
+def allows(state: ConnState, trigger: str) -> bool:
+    """Does the current ``MACHINE`` list ``trigger`` from ``state`` (else it is refused)?"""
+    return (state.name, trigger) in _table()
+
+
+def fire(conn: Any, trigger: str, **kwargs: Any) -> None:
+    """Run ``trigger`` on ``conn`` as ``MACHINE.events[trigger].trigger(conn, **kwargs)``
+    would: before-callbacks, the state change, after-callbacks, all with one ``EventData``.
+    Raises ``MachineError`` (state unchanged) for a pair the table does not list."""
+    row = _table().get((conn.state.name, trigger))
+    if row is None:
+        raise MachineError(f"Can't trigger event {trigger} from state {conn.state.name}!")
+    dest, before, after = row
+    machine = MACHINE
+    state = machine.states[conn.state.name]
+    ev = EventData(state, machine.events[trigger], machine, conn, (), kwargs)
+    for cb in before:
+        cb(ev)
+    if dest is not None:
+        conn.state = dest
+    for cb in after:
+        cb(ev)
