@@ -30,10 +30,12 @@ S = ConnState
 
 
 class InvariantViolation(AssertionError):
-    """An invariant broke; ``invariant`` is its number (1-5) and the message says how."""
+    """An invariant broke: ``invariant`` is the lifecycle invariant's number (1-5) or the
+    name of another machine's rule set (``"breaker"``); the message says how."""
 
-    def __init__(self, invariant: int, message: str) -> None:
-        super().__init__(f"invariant {invariant}: {message}")
+    def __init__(self, invariant: int | str, message: str) -> None:
+        name = f"invariant {invariant}" if isinstance(invariant, int) else invariant
+        super().__init__(f"{name}: {message}")
         self.invariant = invariant
 
 
@@ -163,9 +165,10 @@ class Referee:
             t.registered = True
         if t.unregistered and state is not S.UNREGISTERED:
             raise InvariantViolation(1, f"{cid} left unregistered for {state}")
-        if state in CLOSING_STATES or state is S.REJECTED:
-            if not isinstance(conn.cause, CloseCause):
-                raise InvariantViolation(2, f"{cid} is {state} without a cause")
+        if (state in CLOSING_STATES or state is S.REJECTED) and not isinstance(
+            conn.cause, CloseCause
+        ):
+            raise InvariantViolation(2, f"{cid} is {state} without a cause")
         if state not in (S.HANDSHAKING, S.REGISTERING, S.REJECTED) and (
             state is not S.UNREGISTERED or t.reader or t.writer
         ):

@@ -21,9 +21,9 @@ without bound and do not change which transitions are possible).
 from __future__ import annotations
 
 import gc
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from transitions import MachineError
 
@@ -171,11 +171,14 @@ def inputs(w: World) -> Iterator[Label]:
         yield ("shutdown",)
 
 
-def apply(w: World, label: Label) -> None:
-    """Feed one input to the hub and check every invariant; raises `InvariantViolation`."""
+def apply(w: World, label: Label) -> list[bytes]:
+    """Feed one input to the hub and check every invariant; raises `InvariantViolation`.
+
+    Returns the frames a ``write`` input drained (empty for every other input)."""
     hub, ref = w.hub, w.referee
     now = w.now
     kind = label[0]
+    written: list[bytes] = []
     conn = w.conns[label[1]] if len(label) > 1 and isinstance(label[1], int) else None
     if kind == "accept":
         conn = w.conns[label[1]] = hub.connect(f"c{label[1]}", now)
@@ -184,7 +187,7 @@ def apply(w: World, label: Label) -> None:
         conn = w.conns[label[1]] = hub.connect(f"c{label[1]}", now)
         hub.reject(conn, CloseCause.POLICY, now)
     elif conn is not None:
-        _client_input(w, conn, kind, label, now)
+        written = _client_input(w, conn, kind, label, now)
     elif kind == "publish":
         hub.publish(label[1], {"n": 1}, now)
     elif kind == "burst":
@@ -204,9 +207,10 @@ def apply(w: World, label: Label) -> None:
         hub.shutdown(now)
     ref.step(w.conns, hub.actions(), now)
     hub.take_ready()
+    return written
 
 
-def _client_input(w: World, conn: Connection, kind: str, label: Label, now: float) -> None:
+def _client_input(w: World, conn: Connection, kind: str, label: Label, now: float) -> list[bytes]:
     hub, ref = w.hub, w.referee
     if kind == "start":
         ref.pumps_started(conn)
@@ -225,7 +229,7 @@ def _client_input(w: World, conn: Connection, kind: str, label: Label, now: floa
         ref.pong_answered(conn)
         hub.pong_received(conn, now)
     elif kind == "write":
-        hub.drain(conn)
+        return hub.drain(conn)
     elif kind in ("peer_close", "read_error"):
         ref.reader_finished(conn)
         if kind == "peer_close":
@@ -242,12 +246,16 @@ def _client_input(w: World, conn: Connection, kind: str, label: Label, now: floa
         except MachineError:
             if conn.state is not before:
                 raise InvariantViolation(1, "a refused unregister changed the state") from None
+    return []
 
 
-def _may_unregister(w: World, label: Label) -> bool:
+def _refused_unregister(w: World, label: Label) -> bool:
+    """An unregister the table refuses raises before any change: no need to run it."""
+    if label[0] != "unregister":
+        return False
     conn = w.conns[label[1]]
     assert conn is not None
-    return lifecycle.allows(conn.state, "unregister")
+    return not lifecycle.allows(conn.state, "unregister")
 
 
 def describe(label: Label) -> str:
@@ -274,68 +282,76 @@ class Result:
         return self.states / self.seconds if self.seconds > 0 else float("inf")
 
 
-def explore(
-    clients: int = 3,
-    depth: int = 12,
-    *,
-    config: HubConfig = EXPLORE_CONFIG,
-    max_states: int | None = None,
-    clock: Callable[[], float],
-) -> Result:
-    """Breadth-first search of every interleaving; stops at the first violation.
+class Explorable(Protocol):
+    """What the search needs of a world: an independent copy and a merge key."""
 
-    ``clock`` measures the run's own duration for the report (the caller passes
-    ``time.perf_counter``; the core reads no clock of its own).
+    def clone(self) -> Any: ...
+
+    def key(self) -> tuple[Any, ...]: ...
+
+
+def search(
+    root: Explorable,
+    inputs: Callable[[Any], Iterable[Label]],
+    apply: Callable[[Any, Label], object],
+    *,
+    depth: int,
+    clock: Callable[[], float],
+    describe: Callable[[Label], str] = describe,
+    skip: Callable[[Any, Label], bool] | None = None,
+    max_states: int | None = None,
+) -> Result:
+    """Breadth-first search from ``root``; stops at the first `InvariantViolation`.
+
+    ``skip(world, label)`` may declare an input a self-loop without running it (for inputs
+    the table refuses before anything changes). ``clock`` measures the run's own duration
+    for the report (callers pass ``time.perf_counter``; the core reads no clock itself).
 
     The cyclic garbage collector is paused during the search: worlds hold no reference
-    cycles, so reference counting frees them, while full collections over the growing
-    table of visited states cost over a third of the run."""
+    cycles, so reference counting frees them, while full collections over the growing table
+    of visited states cost over a third of the run.
+    """
     enabled = gc.isenabled()
     gc.disable()
     try:
-        return _bfs(clients, depth, config, max_states, clock)
+        return _bfs(root, inputs, apply, depth, clock, describe, skip, max_states)
     finally:
         if enabled:
             gc.enable()
 
 
 def _bfs(
-    clients: int,
+    root: Explorable,
+    inputs: Callable[[Any], Iterable[Label]],
+    apply: Callable[[Any, Label], object],
     depth: int,
-    config: HubConfig,
-    max_states: int | None,
     clock: Callable[[], float],
+    describe: Callable[[Label], str],
+    skip: Callable[[Any, Label], bool] | None,
+    max_states: int | None,
 ) -> Result:
     started = clock()
-    root = World.initial(clients, config)
     root_key = root.key()
     parents: dict[tuple[Any, ...], tuple[tuple[Any, ...] | None, Label | None]] = {
         root_key: (None, None)
     }
-    frontier: list[tuple[tuple[Any, ...], World]] = [(root_key, root)]
+    frontier: list[tuple[tuple[Any, ...], Any]] = [(root_key, root)]
     edges = 0
     level = 0
     while frontier and level < depth:
         level += 1
-        nxt: list[tuple[tuple[Any, ...], World]] = []
+        nxt: list[tuple[tuple[Any, ...], Any]] = []
         for key, world in frontier:
             for label in inputs(world):
-                if label[0] == "unregister" and not _may_unregister(world, label):
-                    edges += 1  # refused by the table before anything changes: a self-loop
+                edges += 1
+                if skip is not None and skip(world, label):
                     continue
                 child = world.clone()
-                edges += 1
                 try:
                     apply(child, label)
                 except InvariantViolation as exc:
-                    return Result(
-                        len(parents),
-                        edges,
-                        level,
-                        clock() - started,
-                        exc,
-                        [*_trace(parents, key), describe(label)],
-                    )
+                    trace = [*_trace(parents, key, describe), describe(label)]
+                    return Result(len(parents), edges, level, clock() - started, exc, trace)
                 ckey = child.key()
                 if ckey in parents:
                     continue
@@ -347,9 +363,30 @@ def _bfs(
     return Result(len(parents), edges, level, clock() - started, complete=not frontier)
 
 
+def explore(
+    clients: int = 3,
+    depth: int = 8,
+    *,
+    config: HubConfig = EXPLORE_CONFIG,
+    max_states: int | None = None,
+    clock: Callable[[], float],
+) -> Result:
+    """Every interleaving of inputs for ``clients`` clients of the real hub, to ``depth``."""
+    return search(
+        World.initial(clients, config),
+        inputs,
+        apply,
+        depth=depth,
+        clock=clock,
+        skip=_refused_unregister,
+        max_states=max_states,
+    )
+
+
 def _trace(
     parents: dict[tuple[Any, ...], tuple[tuple[Any, ...] | None, Label | None]],
     key: tuple[Any, ...],
+    describe: Callable[[Label], str],
 ) -> list[str]:
     out: list[str] = []
     k: tuple[Any, ...] | None = key
