@@ -29,11 +29,9 @@ def edges(machine: Machine, states: type[Enum]) -> list[tuple[str, str, str]]:
                 if row.dest is None:
                     continue
                 guards = [
-                    _name(c.func) if c.target else f"not {_name(c.func)}" for c in row.conditions
+                    ("" if c.target else "not ") + _name(c.func).lstrip("_") for c in row.conditions
                 ]
-                label = trigger + (
-                    f" [{', '.join(g.lstrip('_') for g in guards)}]" if guards else ""
-                )
+                label = trigger + (f" [{', '.join(guards)}]" if guards else "")
                 pair = (states[source].value, states[row.dest].value)
                 labels = merged.setdefault(pair, [])
                 if label not in labels:

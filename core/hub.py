@@ -222,7 +222,7 @@ class _WallStamp:
         second = int(wall // 1)
         if second != self.second:
             self.second = second
-            self.prefix = datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+            self.prefix = datetime.fromtimestamp(second, UTC).isoformat()[:19]
         millis = min(int((wall - second) * 1000), 999)
         return f"{self.prefix}.{millis:03d}Z"
 
@@ -568,6 +568,33 @@ class Hub:
                 conn.pong_deadline = deadline + duration
                 self._arm(conn.pong_deadline, conn, _PONG)
                 self.stats.stall_extensions += 1
+
+    def branch(self) -> Hub:
+        """An independent copy of the hub and its registered connections, for checkers
+        that explore several futures of one state. Two things are shared, not copied: the
+        counters (``stats``) and each topic's history, which the explorers never read
+        (none of their inputs resumes with ``since``) and which cost a third of a copy."""
+        other = Hub.__new__(Hub)
+        other.config = self.config
+        other.epoch = self.epoch
+        other.wall_offset = self.wall_offset
+        other.stats = self.stats
+        other._stamp = self._stamp
+        other._actions = []
+        other._ready = []
+        other._timers = self._timers.copy()
+        other._timer_seq = self._timer_seq
+        clients = {cid: c.clone() for cid, c in self.clients.items()}
+        other.clients = clients
+        topics = {}
+        for name, t in self.topics.items():
+            nt = Topic.__new__(Topic)
+            nt.name, nt.epoch, nt.seq, nt.policy = t.name, t.epoch, t.seq, t.policy
+            nt.history, nt.retained = t.history, t.retained
+            nt.subscribers = {cid: clients[cid] for cid in t.subscribers}
+            topics[name] = nt
+        other.topics = topics
+        return other
 
     # -- internals -----------------------------------------------------------------------
 

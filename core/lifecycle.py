@@ -55,6 +55,10 @@ class ConnState(StrEnum):
     CLOSED = "closed"  # neither pump runs; unregistration is now allowed
     UNREGISTERED = "unregistered"
 
+    # Enum's own __hash__ is Python code (hash of the name); str's is C and agrees with
+    # StrEnum equality (S.OPEN == "open"). The hub hashes states on every transition.
+    __hash__ = str.__hash__
+
 
 S = ConnState
 
@@ -82,11 +86,12 @@ TERMINAL = frozenset({S.REJECTED, S.UNREGISTERED})
 
 
 def _record_cause(ev: EventData) -> None:
-    """Entering a closing state: keep the first cause, stop accepting, queue the close."""
+    """Entering a closing state: record the cause, stop accepting, queue the close.
+
+    Only rows that leave a state without a cause run it (later rows into closing have no
+    ``before``), so the first cause always stands."""
     conn: Any = ev.model
     conn.accepting = False
-    if conn.cause is not None:
-        return
     cause = ev.kwargs.get("cause")
     if not isinstance(cause, CloseCause):
         # A caller bug, not a peer's: every path into closing must say why.
@@ -217,11 +222,11 @@ MACHINE = build_machine(TRANSITIONS)
 
 
 _Row = tuple[ConnState | None, tuple[Any, ...], tuple[Any, ...]]  # dest, before, after
-_compiled: tuple[Machine, dict[tuple[str, str], _Row]] | None = None
+_compiled: tuple[Machine, dict[tuple[ConnState, str], _Row]] | None = None
 
 
-def compile_machine(machine: Machine) -> dict[tuple[str, str], _Row]:
-    """(source state name, trigger) -> (dest or None for internal, before, after callbacks).
+def compile_machine(machine: Machine) -> dict[tuple[ConnState, str], _Row]:
+    """(source state, trigger) -> (dest or None for internal, before, after callbacks).
 
     Raises ``ValueError`` for any feature ``fire`` would not honour, so the dict can never
     silently diverge from the machine it came from."""
@@ -237,7 +242,7 @@ def compile_machine(machine: Machine) -> dict[tuple[str, str], _Row]:
     for state in machine.states.values():
         if state.on_enter or state.on_exit:
             raise ValueError(f"fire() does not run on_enter/on_exit (state {state.name})")
-    table: dict[tuple[str, str], _Row] = {}
+    table: dict[tuple[ConnState, str], _Row] = {}
     for name, event in machine.events.items():
         for source, rows in event.transitions.items():
             first = rows[0]
@@ -247,11 +252,11 @@ def compile_machine(machine: Machine) -> dict[tuple[str, str], _Row]:
                 if not callable(cb):
                     raise ValueError(f"callbacks must be callables, not names ({name})")
             dest = None if first.dest is None else ConnState[first.dest]
-            table[(source, name)] = (dest, tuple(first.before), tuple(first.after))
+            table[(ConnState[source], name)] = (dest, tuple(first.before), tuple(first.after))
     return table
 
 
-def _table() -> dict[tuple[str, str], _Row]:
+def _table() -> dict[tuple[ConnState, str], _Row]:
     global _compiled
     machine = MACHINE
     if _compiled is None or _compiled[0] is not machine:
@@ -261,19 +266,20 @@ def _table() -> dict[tuple[str, str], _Row]:
 
 def allows(state: ConnState, trigger: str) -> bool:
     """Does the current ``MACHINE`` list ``trigger`` from ``state`` (else it is refused)?"""
-    return (state.name, trigger) in _table()
+    return (state, trigger) in _table()
 
 
 def fire(conn: Any, trigger: str, **kwargs: Any) -> None:
     """Run ``trigger`` on ``conn`` as ``MACHINE.events[trigger].trigger(conn, **kwargs)``
     would: before-callbacks, the state change, after-callbacks, all with one ``EventData``.
     Raises ``MachineError`` (state unchanged) for a pair the table does not list."""
-    row = _table().get((conn.state.name, trigger))
+    source = conn.state
+    row = _table().get((source, trigger))
     if row is None:
-        raise MachineError(f"Can't trigger event {trigger} from state {conn.state.name}!")
+        raise MachineError(f"Can't trigger event {trigger} from state {source.name}!")
     dest, before, after = row
     machine = MACHINE
-    state = machine.states[conn.state.name]
+    state = machine.states[source.name]
     ev = EventData(state, machine.events[trigger], machine, conn, (), kwargs)
     for cb in before:
         cb(ev)

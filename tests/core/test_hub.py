@@ -98,15 +98,18 @@ def test_unregister_waits_for_both_pumps_in_either_order() -> None:
     for first, second in (("reader", "writer"), ("writer", "reader")):
         hub = Hub()
         conn = open_client(hub)
-        done = {
-            "reader": lambda: hub.reader_done(conn, 1.0, CloseCause.PEER_CLOSE, 1000),
-            "writer": lambda: hub.writer_done(conn, 1.0),
-        }
-        done[first]()
+
+        def finish(pump: str, hub: Hub = hub, conn: Connection = conn) -> None:
+            if pump == "reader":
+                hub.reader_done(conn, 1.0, CloseCause.PEER_CLOSE, 1000)
+            else:
+                hub.writer_done(conn, 1.0)
+
+        finish(first)
         with pytest.raises(MachineError):
             hub.unregister(conn, 1.5)
         assert "c1" in hub.clients
-        done[second]()
+        finish(second)
         assert conn.state is S.CLOSED
         hub.unregister(conn, 2.0)
         assert conn.state is S.UNREGISTERED
@@ -624,6 +627,18 @@ def test_a_replay_larger_than_the_outbox_follows_the_topics_policy() -> None:
     assert conn.state is S.CLOSING
     assert conn.cause is CloseCause.SLOW_CONSUMER
     assert len(conn.outbox) == 3
+
+
+def test_unsubscribe_forgets_gaps_owed_on_the_topic() -> None:
+    cfg = HubConfig(send_queue_size=1, overflow={"t": OverflowPolicy.DROP_OLDEST})
+    hub = Hub(cfg)
+    conn = open_client(hub)
+    hub.subscribe(conn, ["t"], 0.0)
+    frames(hub, conn)
+    hub.publish("t", 1, 0.0)
+    hub.publish("t", 2, 0.0)  # drops 1: a gap is owed
+    hub.unsubscribe(conn, ["t"], 0.0)
+    assert frames(hub, conn) == []
 
 
 def test_the_writer_gets_nothing_once_it_finished() -> None:

@@ -36,7 +36,7 @@ def _edges() -> dict[ConnState, set[ConnState]]:
     out: dict[ConnState, set[ConnState]] = {s: set() for s in S}
     for (source, _trigger), (dest, _b, _a) in compile_machine(MACHINE).items():
         if dest is not None:
-            out[S[source]].add(dest)
+            out[source].add(dest)
     return out
 
 
@@ -116,9 +116,9 @@ def test_every_path_into_closing_records_its_cause_and_queues_a_close() -> None:
     for (source, trigger), (dest, _b, _a) in compile_machine(MACHINE).items():
         if dest is None or dest not in lifecycle.CLOSING_STATES | {S.REJECTED}:
             continue
-        if S[source] in lifecycle.CLOSING_STATES:
+        if source in lifecycle.CLOSING_STATES:
             continue  # already closing: the first cause stands
-        c = _conn(S[source])
+        c = _conn(source)
         out: list[object] = []
         fire(c, trigger, out=out, now=2.0, cause=CloseCause.POLICY, code=None)
         assert c.cause is CloseCause.POLICY, (source, trigger)

@@ -1,0 +1,102 @@
+"""The command line, run in-process (and once through the installed console script)."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from wirestate.adapters import cli
+
+
+def run(*argv: str) -> tuple[int, str]:
+    out = io.StringIO()
+    code = cli.main(list(argv), stdout=out)
+    return code, out.getvalue()
+
+
+def test_check_passes_on_the_clean_core() -> None:
+    code, out = run("check", "--clients", "2", "--depth", "4", "--breaker-depth", "4")
+    assert code == 0
+    assert "lifecycle: 2 clients:" in out
+    assert "breaker: 1 breaker:" in out
+    assert out.count("every invariant holds") == 2
+
+
+def test_check_with_a_planted_bug_prints_the_shortest_trace_and_exits_1() -> None:
+    code, out = run("check", "--plant", "early_unregister", "--depth", "6", "--breaker-depth", "0")
+    assert code == 1
+    assert "VIOLATION invariant 1: c0 unregistered while its writer still runs" in out
+    assert "shortest trace (4 steps):" in out
+    assert out.splitlines()[-4:] == [
+        "   1. accept c0",
+        "   2. start c0",
+        "   3. peer_close c0",
+        "   4. unregister c0",
+    ]
+
+
+def test_check_refuses_a_bad_depth(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        run("check", "--depth", "0")
+    assert exc.value.code == 2
+    assert "--depth: must be >= 1, got 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        run("check", "--clients", "two")
+    assert "'two' is not a whole number" in capsys.readouterr().err
+
+
+def test_check_stops_at_max_states() -> None:
+    code, out = run("check", "--max-states", "100", "--breaker-depth", "0")
+    assert code == 0
+    assert "100 distinct states" in out
+
+
+def test_diagram_mermaid_and_dot_to_a_file(tmp_path: Path) -> None:
+    code, out = run("diagram", "lifecycle")
+    assert code == 0
+    assert out.startswith("---\ntitle: Connection lifecycle\n---\nstateDiagram-v2")
+    target = tmp_path / "breaker.dot"
+    assert run("diagram", "breaker", "--format", "dot", "-o", str(target))[0] == 0
+    assert target.read_text().startswith('digraph "Circuit breaker"')
+
+
+def test_diagram_svg_without_graphviz_says_what_to_do(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    code, out = run("diagram", "lifecycle", "--format", "svg")
+    assert code == 2
+    assert out == ""
+    assert "apt-get install graphviz" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(
+    shutil.which("dot") is None and not os.environ.get("CI"),
+    reason="Graphviz's dot is not installed (CI installs it)",
+)
+def test_diagram_svg_with_graphviz() -> None:
+    code, out = run("diagram", "lifecycle", "--format", "svg")
+    assert code == 0
+    assert "<svg" in out
+    assert "unregistered" in out
+
+
+def test_schema_has_both_directions() -> None:
+    code, out = run("schema")
+    assert code == 0
+    doc = json.loads(out)
+    assert {"client_to_server", "server_to_client"} <= set(doc)
+
+
+def test_the_console_script_is_installed() -> None:
+    exe = Path(sys.executable).with_name("wirestate")
+    done = subprocess.run([str(exe), "--help"], capture_output=True, text=True, check=True)
+    assert "check" in done.stdout
+    assert "diagram" in done.stdout
