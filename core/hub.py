@@ -78,10 +78,12 @@ class HubConfig:
             value = getattr(self, name)
             if not value > 0:  # also rejects NaN
                 raise ValueError(f"{name} must be > 0, got {value!r}")
-        for name in ("send_queue_size", "history_size", "max_subscriptions", "bad_input_limit"):
+        for name in ("send_queue_size", "max_subscriptions", "bad_input_limit"):
             value = getattr(self, name)
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value!r}")
+        if self.history_size < 0:
+            raise ValueError(f"history_size must be >= 0, got {self.history_size!r}")
 
     def policy(self, topic: str) -> OverflowPolicy:
         return self.overflow.get(topic, self.default_overflow)
@@ -448,12 +450,14 @@ class Hub:
             conn.outbox.clear()
             conn.outbox.extend(kept)
 
-    def app_ping(self, conn: Connection, ping_id: str, now: float) -> None:
-        """The application-level ``ping`` (browsers cannot send protocol pings)."""
+    def app_ping(self, conn: Connection, ping_id: str | None, now: float) -> None:
+        """The application-level ``ping`` (browsers cannot send protocol pings); the
+        ``pong`` echoes its ``id`` when it had one."""
         if not conn.accepting:
             return
         conn.bad_inputs = 0
-        self._queue_control(conn, {"type": "pong", "id": ping_id}, now)
+        pong = {"type": "pong", "id": ping_id} if ping_id is not None else {"type": "pong"}
+        self._queue_control(conn, pong, now)
 
     def client_publish(self, conn: Connection, topic: str, data: Any, now: float) -> int | None:
         """A client's ``publish`` message; returns the seq, or None when refused."""
@@ -498,7 +502,7 @@ class Hub:
         history = topic.history
         history.append(event)
         horizon = now - self.config.history_max_age
-        while history[0].at < horizon:
+        while history and history[0].at < horizon:
             history.popleft()
         topic.retained = event
         self.stats.published += 1

@@ -375,6 +375,19 @@ def test_resume_past_the_history_says_not_recovered_and_sends_a_gap() -> None:
     assert events(msgs) == [("t", 8), ("t", 9), ("t", 10)]
 
 
+def test_no_history_makes_every_resume_a_gap_but_keeps_the_retained_value() -> None:
+    hub = Hub(HubConfig(history_size=0), epoch="e1")
+    hub.publish("t", 0, 0.0)
+    hub.publish("t", 1, 0.0)
+    conn = open_client(hub)
+    hub.subscribe(conn, ["t"], 1.0, since={"t": 1})
+    msgs = frames(hub, conn)
+    assert msgs[0]["recovered"] == {"t": False}
+    assert (msgs[1]["from_seq"], msgs[1]["to_seq"]) == (2, 2)
+    with pytest.raises(ValueError, match="history_size"):
+        HubConfig(history_size=-1)
+
+
 def test_history_is_bounded_by_age_too() -> None:
     hub = Hub(HubConfig(history_max_age=60.0), epoch="e1")
     hub.publish("t", 0, 0.0)
@@ -434,7 +447,8 @@ def test_application_ping_gets_a_pong_with_its_id() -> None:
     hub = Hub()
     conn = open_client(hub)
     hub.app_ping(conn, "abc", 0.0)
-    assert frames(hub, conn) == [{"type": "pong", "id": "abc"}]
+    hub.app_ping(conn, None, 0.0)
+    assert frames(hub, conn) == [{"type": "pong", "id": "abc"}, {"type": "pong"}]
 
 
 def test_clients_publish_but_never_on_the_hubs_own_topics() -> None:
