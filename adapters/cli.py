@@ -103,6 +103,64 @@ def _count(minimum: int) -> Any:
     return parse
 
 
+def cmd_serve(args: argparse.Namespace, stdout: TextIO) -> int:
+    import asyncio
+
+    from wirestate.adapters.logs import configure_logging
+    from wirestate.adapters.server import run
+    from wirestate.models.settings import ConfigError, load_settings
+
+    overrides = {
+        "server.host": args.host,
+        "server.port": args.port,
+        "server.ping_interval": args.ping_interval,
+        "server.ping_timeout": args.ping_timeout,
+        "server.send_queue_size": args.send_queue_size,
+        "server.close_timeout": args.close_timeout,
+    }
+    try:
+        settings = load_settings(args.config, {k: v for k, v in overrides.items() if v is not None})
+    except ConfigError as exc:
+        sys.stderr.write(f"wirestate serve: invalid configuration:\n{exc}\n")
+        return 2
+    configure_logging(args.log_format, args.log_level)
+    try:
+        return asyncio.run(run(settings))
+    except OSError as exc:
+        # Typically the port is taken: say which, not the errno text alone.
+        s = settings.server
+        why = exc.strerror or type(exc).__name__
+        sys.stderr.write(
+            f"wirestate serve: cannot listen on {s.host}:{s.port} ({why});"
+            " is another server running? choose another --port\n"
+        )
+        return 1
+
+
+def cmd_client(args: argparse.Namespace, stdout: TextIO) -> int:
+    import asyncio
+
+    from wirestate.adapters.client import run_client
+
+    if args.count is not None and args.count < 1:
+        sys.stderr.write("wirestate client: --count must be >= 1\n")
+        return 2
+    try:
+        return asyncio.run(
+            run_client(
+                args.url,
+                args.topic,
+                count=args.count,
+                duration=args.duration,
+                json_lines=args.json,
+                out=stdout,
+            )
+        )
+    except KeyboardInterrupt:
+        # run_client printed its summary before the cancellation reached us.
+        return 130
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="wirestate",
@@ -140,6 +198,38 @@ def parser() -> argparse.ArgumentParser:
     diag.add_argument("--format", choices=("mermaid", "dot", "svg"), default="mermaid")
     diag.add_argument("-o", "--output", help="write to FILE instead of standard output")
     diag.set_defaults(func=cmd_diagram)
+
+    srv = sub.add_parser(
+        "serve",
+        help="run the hub (default ws://127.0.0.1:12080/ws)",
+        description=(
+            "Run the hub until SIGINT or SIGTERM. Precedence: flags > WIRESTATE_* environment"
+            " > --config file > defaults."
+        ),
+    )
+    srv.add_argument("--config", type=Path, help="TOML configuration file")
+    srv.add_argument("--host", help="address to bind (default 127.0.0.1)")
+    srv.add_argument("--port", type=int, help="port (default 12080)")
+    srv.add_argument("--ping-interval", type=float, help="seconds between pings (default 30)")
+    srv.add_argument("--ping-timeout", type=float, help="seconds to wait for a pong (default 10)")
+    srv.add_argument("--send-queue-size", type=int, help="messages per client outbox (256)")
+    srv.add_argument("--close-timeout", type=float, help="seconds to close a client (5)")
+    srv.add_argument("--log-format", choices=("text", "json"), default="text")
+    srv.add_argument("--log-level", default="INFO")
+    srv.set_defaults(func=cmd_serve)
+
+    cl = sub.add_parser(
+        "client",
+        help="connect, subscribe, print events; a summary at exit",
+        description="The test client: prints events, and at exit the connection's duration,"
+        " messages received, ping round trip, close code and cause.",
+    )
+    cl.add_argument("url", help="e.g. ws://127.0.0.1:12080/ws")
+    cl.add_argument("--topic", action="append", required=True, help="repeat for several")
+    cl.add_argument("--count", type=int, help="stop after N events")
+    cl.add_argument("--duration", type=float, help="stop after S seconds")
+    cl.add_argument("--json", action="store_true", help="one JSON object a line")
+    cl.set_defaults(func=cmd_client)
 
     schema = sub.add_parser("schema", help="print the JSON Schema of protocol v1")
     schema.add_argument("-o", "--output", help="write to FILE instead of standard output")

@@ -1,0 +1,610 @@
+"""The asyncio service around the pure hub: the websockets server, HTTP, sources, shutdown.
+
+Rules of this module (STYLE.md rules 7-9; DESIGN.md "The core speaks in decisions"):
+
+* Every input goes to the core with ``loop.time()``; after each, ``_dispatch`` performs the
+  actions the core decided (ping, close, abort), wakes the writers whose outbox filled, and
+  re-arms the ticker. The adapter decides no policy.
+* Per connection one ``TaskGroup`` runs the reader and the writer; the writer is the only
+  task that writes to the socket (frames, protocol pings, the close frame). Each pump
+  reports its own end to the core from its ``finally``; the handler's ``finally`` is the one
+  place that unregisters, after the task group has ended, so both pumps have finished.
+* The writer drains the whole outbox and writes every frame in one transport write, under a
+  timeout: a peer that stopped reading cannot block it (websockets' keepalive and
+  ``close()`` both hang on a full write buffer; tech-notes section 6), and is aborted.
+* One hub-wide ticker task serves every connection's timers (pings, pong deadlines, close
+  timeouts): the core keeps them in one heap, so 10,000 connections cost one sleeping task,
+  not 10,000. It also measures the loop's own lag and reports stalls to the core before
+  ticking, so a busy hub does not blame its peers.
+* Peer input never raises out of the reader: a bad frame becomes ``bad_input`` with a fixed
+  message; exception text never reaches the wire or the logs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import math
+import secrets
+import signal
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from pydantic import TypeAdapter, ValidationError
+from websockets.asyncio.server import Server as WsServer
+from websockets.asyncio.server import ServerConnection, serve
+from websockets.exceptions import ConnectionClosed, ConnectionClosedError
+from websockets.http11 import Request, Response
+
+from wirestate.adapters.http import (
+    HttpApp,
+    HttpRequest,
+    HttpResponse,
+    Router,
+    error_response,
+    http_connection_factory,
+    json_response,
+)
+from wirestate.adapters.metrics import Metrics
+from wirestate.adapters.sources import SourcePoller, poller_from_settings
+from wirestate.core.actions import Abort, Close, Ping, Reject, Unregistered
+from wirestate.core.breaker import BreakerConfig, BreakerState, StateChanged
+from wirestate.core.causes import CloseCause, ErrorCode
+from wirestate.core.hub import BUILTIN_TOPICS, Connection, Hub, HubConfig
+from wirestate.core.lifecycle import ConnState
+from wirestate.models import wire
+from wirestate.models.settings import Settings, SourceSettings
+
+log = logging.getLogger("wirestate.server")
+_TOPIC: TypeAdapter[str] = TypeAdapter(wire.Topic)
+
+#: How often the ticker wakes at the least, to measure the loop's lag.
+LAG_PROBE = 0.25
+BINARY_MESSAGE = "binary frames are not supported; send JSON text frames"
+TOPIC_RULE = "topic: 1-128 characters of A-Z a-z 0-9 _ . : / -"
+
+
+def cid(action: Any) -> str:
+    return str(action.client_id)
+
+
+@dataclass(eq=False)
+class _Client:
+    """The adapter's side of one connection."""
+
+    ws: ServerConnection
+    conn: Connection
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    ping_due: bool = False
+    close: Close | None = None
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+
+def hub_config(settings: Settings) -> HubConfig:
+    """The core's knobs from the validated settings."""
+    s = settings.server
+    return HubConfig(
+        ping_interval=s.ping_interval,
+        ping_timeout=s.ping_timeout,
+        send_queue_size=s.send_queue_size,
+        close_timeout=s.close_timeout,
+        history_size=settings.history.size,
+        history_max_age=settings.history.max_age,
+        max_subscriptions=settings.limits.max_subscriptions,
+        overflow={topic: t.overflow for topic, t in settings.topics.items()},
+        reserved_topics=BUILTIN_TOPICS | {src.topic for src in settings.sources},
+    )
+
+
+class WirestateServer:
+    """A running hub: ``/ws``, the HTTP endpoints and the sources on one port.
+
+    ::
+
+        server = WirestateServer(load_settings())
+        async with server:                      # listening once entered
+            await server.publish("orders", {"id": 1})
+            await server.wait_closed()          # until stop() or a signal
+
+    ``add_source`` before entering adds an application source (an async function polled
+    through its own breaker). ``stop()`` closes every client with 1001, waits up to the
+    close timeout for them to flush, unregisters all, and stops.
+    """
+
+    def __init__(self, settings: Settings | None = None, *, epoch: str | None = None) -> None:
+        self.settings = settings or Settings()
+        self.epoch = epoch or secrets.token_hex(4)
+        self.hub: Hub | None = None
+        self.metrics = Metrics(self._stats, self._connection_counts)
+        self._clients: dict[str, _Client] = {}
+        self._handlers: set[asyncio.Task[Any]] = set()
+        self._sources: list[
+            tuple[str, Callable[[], Awaitable[Any]], float, float, BreakerConfig | None]
+        ] = []
+        self._pollers: list[SourcePoller] = []
+        self._ticker_task: asyncio.Task[None] | None = None
+        self._source_tasks: list[asyncio.Task[None]] = []
+        self._ws: WsServer | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._ticker_wake = asyncio.Event()
+        self._ticker_at = math.inf
+        self._closing = False
+        self._closed = asyncio.Event()
+        self._http_client: Any = None
+
+    # -- library API -----------------------------------------------------------------------
+
+    def add_source(
+        self,
+        topic: str,
+        fetch: Callable[[], Awaitable[Any]],
+        *,
+        interval: float,
+        timeout: float = 10.0,
+        breaker: BreakerConfig | None = None,
+    ) -> None:
+        """Poll ``fetch`` every ``interval`` seconds behind its own breaker, publishing on
+        ``topic`` (stale while the breaker is open). Call before ``start``."""
+        if self._loop is not None:
+            raise RuntimeError("add sources before the server starts")
+        self._sources.append((topic, fetch, interval, timeout, breaker))
+
+    async def publish(
+        self, topic: str, data: Any, *, stale: bool = False, age: float | None = None
+    ) -> int:
+        """Publish an event; returns its seq. Never waits for a subscriber."""
+        return self.publish_now(topic, data, stale=stale, age=age)
+
+    def publish_now(
+        self, topic: str, data: Any, *, stale: bool = False, age: float | None = None
+    ) -> int:
+        """Synchronous publish, for code already on the server's event loop (sources)."""
+        hub = self._need_hub()
+        seq = hub.publish(topic, data, self._now(), stale=stale, age=age)
+        self._dispatch()
+        return seq
+
+    @property
+    def port(self) -> int:
+        """The port actually bound (useful with ``port = 0``)."""
+        assert self._ws is not None, "not started"
+        sock = next(iter(self._ws.sockets))
+        return int(sock.getsockname()[1])
+
+    @property
+    def url(self) -> str:
+        return f"ws://{self.settings.server.host}:{self.port}/ws"
+
+    async def __aenter__(self) -> WirestateServer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def wait_closed(self) -> None:
+        await self._closed.wait()
+
+    # -- start and stop --------------------------------------------------------------------
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._loop = loop
+        # The core reads no wall clock: event timestamps are loop time plus this offset.
+        wall_offset = time.time() - loop.time()
+        self.hub = Hub(hub_config(self.settings), epoch=self.epoch, wall_offset=wall_offset)
+        s = self.settings.server
+        self._ws = await serve(
+            self._handle,
+            s.host,
+            s.port,
+            compression=None,
+            ping_interval=None,  # the core owns keep-alive
+            ping_timeout=None,
+            close_timeout=s.close_timeout,
+            max_size=self.settings.limits.max_message_size,
+            max_queue=64,
+            process_request=self._process_request,
+            create_connection=http_connection_factory(
+                self._http_app(),
+                max_body=self.settings.limits.max_message_size,
+                websocket_paths=("/ws",),
+            ),
+            server_header="wirestate",
+        )
+        self._ticker_task = loop.create_task(self._ticker(), name="wirestate-ticker")
+        await self._start_sources(wall_offset)
+        log.info(
+            "listening",
+            extra={"url": f"ws://{s.host}:{self.port}/ws", "epoch": self.epoch},
+        )
+
+    async def stop(self) -> None:
+        """Graceful shutdown: refuse new clients, close every client with 1001, wait for
+        their flush and unregistration (aborting stragglers after the close timeout)."""
+        if self._closing or self.hub is None or self._ws is None:
+            return
+        self._closing = True
+        hub = self.hub
+        for task in self._source_tasks:
+            task.cancel()
+        hub.shutdown(self._now())
+        self._dispatch()
+        pending = set(self._handlers)
+        if pending:
+            # The core aborts clients still running after close_timeout; allow it to act.
+            await asyncio.wait(pending, timeout=self.settings.server.close_timeout * 2 + 1)
+        self._ws.close(close_connections=False)
+        await self._ws.wait_closed()
+        tasks = [*self._source_tasks, *([self._ticker_task] if self._ticker_task else [])]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if self._http_client is not None:
+            await self._http_client.aclose()
+        self._closed.set()
+        log.info("stopped", extra={"clients_left": len(hub.clients)})
+
+    async def _start_sources(self, wall_offset: float) -> None:
+        loop = asyncio.get_running_loop()
+        specs: list[SourceSettings] = list(self.settings.sources)
+        if any(src.kind == "http" for src in specs):
+            import httpx
+
+            self._http_client = httpx.AsyncClient()
+        publisher = _Publisher(self)
+        for src in specs:
+            self._pollers.append(
+                poller_from_settings(
+                    src,
+                    publisher,
+                    loop.time,
+                    wall_offset,
+                    self._http_client,
+                    on_transition=self._breaker_transition,
+                )
+            )
+        for topic, fetch, interval, timeout, config in self._sources:
+            self._pollers.append(
+                SourcePoller(
+                    topic,
+                    fetch,
+                    publisher=publisher,
+                    interval=interval,
+                    timeout=timeout,
+                    clock=loop.time,
+                    wall_offset=wall_offset,
+                    config=config,
+                    on_transition=self._breaker_transition,
+                )
+            )
+        for poller in self._pollers:
+            name = f"wirestate-source-{poller.topic}"
+            self._source_tasks.append(loop.create_task(poller.run(), name=name))
+
+    def _breaker_transition(self, change: StateChanged) -> None:
+        self.metrics.breaker_transition(
+            change.breaker, change.from_state.value, change.to_state.value
+        )
+        self.metrics.breaker_state(
+            change.breaker, change.to_state.value, [s.value for s in BreakerState]
+        )
+
+    # -- one connection --------------------------------------------------------------------
+
+    def _process_request(self, ws: ServerConnection, request: Request) -> Response | None:
+        if request.path.split("?", 1)[0] != "/ws":
+            return ws.respond(404, "no WebSocket endpoint here; connect to /ws\n")
+        if self._closing:
+            return ws.respond(503, "shutting down\n")
+        if len(self._clients) >= self.settings.limits.max_connections:
+            return ws.respond(503, "too many connections\n")
+        return None
+
+    async def _handle(self, ws: ServerConnection) -> None:
+        hub = self._need_hub()
+        task = asyncio.current_task()
+        assert task is not None
+        self._handlers.add(task)
+        cid = ws.id.hex[:16]
+        conn = hub.connect(cid, self._now())
+        hub.accept(conn, self._now())
+        client = _Client(ws, conn)
+        self._clients[cid] = client
+        try:
+            hub.start(conn, self._now())
+            log.info("connected", extra={"client_id": cid, "peer": _peer(ws)})
+            self._dispatch()
+            async with asyncio.TaskGroup() as tg:
+                client.tasks = [
+                    tg.create_task(self._reader(client), name=f"reader-{cid}"),
+                    tg.create_task(self._writer(client), name=f"writer-{cid}"),
+                ]
+        finally:
+            # The task group has ended: both pumps have reported their end.
+            if conn.state is ConnState.REGISTERING:  # the pumps never started
+                hub.close(conn, CloseCause.SHUTDOWN, self._now())
+            hub.unregister(conn, self._now())
+            self._dispatch()
+            del self._clients[cid]
+            self._handlers.discard(task)
+
+    async def _reader(self, client: _Client) -> None:
+        hub, conn, ws = self._need_hub(), client.conn, client.ws
+        cause, code = CloseCause.READ_ERROR, None
+        try:
+            async for message in ws:
+                now = self._now()
+                if isinstance(message, bytes):
+                    hub.bad_input(conn, ErrorCode.INVALID_MESSAGE, BINARY_MESSAGE, now)
+                else:
+                    self._message(conn, message, now)
+                self._dispatch()
+            cause, code = CloseCause.PEER_CLOSE, _peer_code(ws)
+        except ConnectionClosedError as exc:
+            code = exc.rcvd.code if exc.rcvd is not None else None
+            if exc.sent is not None and exc.sent.code == 1009:
+                cause, code = CloseCause.MESSAGE_TOO_BIG, 1009
+        finally:
+            hub.reader_done(conn, self._now(), cause, code)
+            self._dispatch()
+
+    def _message(self, conn: Connection, text: str, now: float) -> None:
+        hub = self._need_hub()
+        msg = wire.parse_client_message(text)
+        match msg:
+            case wire.WireError(code=code, message=message):
+                hub.bad_input(conn, ErrorCode(code), message, now)
+            case wire.Subscribe(topics=topics, since=since):
+                cursor: dict[str, int | tuple[int, str | None]] = {}
+                for topic, value in (since or {}).items():
+                    cursor[topic] = value if isinstance(value, int) else (value.seq, value.epoch)
+                hub.subscribe(conn, topics, now, since=cursor)
+            case wire.Unsubscribe(topics=topics):
+                hub.unsubscribe(conn, topics, now)
+            case wire.Ping(id=ping_id):
+                hub.app_ping(conn, ping_id, now)
+            case wire.Publish(topic=topic, data=data):
+                hub.client_publish(conn, topic, data, now)
+            case _:  # auth: only with [auth] first_message, which is not enabled
+                hub.bad_input(
+                    conn, ErrorCode.FORBIDDEN, "first-message auth is not enabled here", now
+                )
+
+    async def _writer(self, client: _Client) -> None:
+        hub, conn, ws = self._need_hub(), client.conn, client.ws
+        cause: CloseCause | None = None
+        timeout = self.settings.server.close_timeout
+        try:
+            while True:
+                await client.wake.wait()
+                client.wake.clear()
+                frames = hub.drain(conn)
+                if frames:
+                    async with asyncio.timeout(timeout), ws.send_context():
+                        protocol = ws.protocol
+                        for frame in frames:
+                            protocol.send_text(frame)
+                        # One write for every frame queued: the lever on fan-out cost.
+                        ws.transport.write(b"".join(protocol.data_to_send()))
+                if client.ping_due:
+                    client.ping_due = False
+                    async with asyncio.timeout(timeout):
+                        pong = await ws.ping()
+                    # A Future in fact; ensure_future returns it as is, typed.
+                    asyncio.ensure_future(pong).add_done_callback(
+                        functools.partial(self._pong, conn)
+                    )
+                if client.close is not None:
+                    close = client.close
+                    await ws.close(close.code, close.reason)
+                    return
+        except TimeoutError:
+            # The peer stopped reading and the write buffer is full: nothing more can be
+            # written, not even a close frame.
+            cause = CloseCause.SLOW_CONSUMER
+            ws.transport.abort()
+        except ConnectionClosed:
+            cause = CloseCause.WRITE_ERROR
+        finally:
+            hub.writer_done(conn, self._now(), cause)
+            self._dispatch()
+
+    def _pong(self, conn: Connection, fut: asyncio.Future[float]) -> None:
+        if fut.cancelled() or fut.exception() is not None:
+            return
+        hub = self._need_hub()
+        hub.pong_received(conn, self._now())
+        self._dispatch()
+
+    # -- the core's decisions --------------------------------------------------------------
+
+    def _dispatch(self) -> None:
+        hub = self.hub
+        if hub is None:
+            return
+        clients = self._clients
+        for action in hub.actions():
+            client = clients.get(action.client_id)
+            match action:
+                case Ping():
+                    if client is not None:
+                        client.ping_due = True
+                        client.wake.set()
+                case Close():
+                    log.info(
+                        "closing",
+                        extra={
+                            "client_id": action.client_id,
+                            "cause": action.cause.value,
+                            "code": action.code,
+                        },
+                    )
+                    if client is not None:
+                        client.close = action
+                        client.wake.set()
+                case Abort():
+                    log.warning(
+                        "aborting a stuck connection", extra={"client_id": action.client_id}
+                    )
+                    if client is not None:
+                        client.ws.transport.abort()
+                        for task in client.tasks:
+                            task.cancel()
+                case Unregistered():
+                    log.info(
+                        "disconnected",
+                        extra={
+                            "client_id": action.client_id,
+                            "cause": action.cause.value,
+                            "code": action.code,
+                            "duration": round(action.duration, 3),
+                        },
+                    )
+                case Reject():
+                    log.info(
+                        "rejected",
+                        extra={"client_id": action.client_id, "cause": action.cause.value},
+                    )
+        for cid in hub.take_ready():
+            client = clients.get(cid)
+            if client is not None:
+                client.wake.set()
+        deadline = hub.next_deadline()
+        if deadline is not None and deadline < self._ticker_at:
+            self._ticker_wake.set()
+
+    async def _ticker(self) -> None:
+        """The hub's one timer: sleeps until the core's next deadline (or the lag probe),
+        reports a stall when it woke late, then ticks."""
+        hub = self._need_hub()
+        loop = asyncio.get_running_loop()
+        threshold = self.settings.server.loop_stall_threshold
+        while True:
+            deadline = hub.next_deadline()
+            now = loop.time()
+            target = min(deadline if deadline is not None else math.inf, now + LAG_PROBE)
+            self._ticker_at = target
+            self._ticker_wake.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout_at(target):
+                    await self._ticker_wake.wait()
+            now = loop.time()
+            late = now - target
+            if late > 0:
+                self.metrics.observe_loop_lag(late)
+            if late > threshold:
+                hub.loop_stalled(now, late)
+                log.warning("event loop stalled", extra={"seconds": round(late, 3)})
+            hub.tick(now)
+            self._dispatch()
+
+    # -- HTTP ------------------------------------------------------------------------------
+
+    def _http_app(self) -> HttpApp:
+        return (
+            Router()
+            .get("/healthz", self._healthz)
+            .get("/readyz", self._readyz)
+            .get("/metrics", self._metrics)
+            .post("/publish", self._http_publish)
+        )
+
+    async def _healthz(self, request: HttpRequest) -> HttpResponse:
+        return _json(200, {"status": "ok"})
+
+    async def _readyz(self, request: HttpRequest) -> HttpResponse:
+        if self._closing or self.hub is None:
+            return _json(503, {"status": "shutting_down"})
+        return _json(200, {"status": "ready", "clients": len(self.hub.clients)})
+
+    async def _metrics(self, request: HttpRequest) -> HttpResponse:
+        return HttpResponse(
+            200,
+            [("content-type", "text/plain; version=0.0.4; charset=utf-8")],
+            self.metrics.render(),
+        )
+
+    async def _http_publish(self, request: HttpRequest) -> HttpResponse:
+        try:
+            body = orjson.loads(request.body)
+        except orjson.JSONDecodeError:
+            return _error(400, "bad_json", "the body is not valid JSON")
+        if not isinstance(body, dict) or set(body) != {"topic", "data"}:
+            return _error(400, "invalid_message", 'send {"topic": "<name>", "data": <any JSON>}')
+        try:
+            topic = _TOPIC.validate_python(body["topic"])
+        except ValidationError:
+            return _error(
+                400, "invalid_message", "topic: 1-128 characters of A-Z a-z 0-9 _ . : / -"
+            )
+        hub = self._need_hub()
+        if topic in hub.config.reserved_topics:
+            return _error(403, "forbidden", "only the server publishes on this topic")
+        return _json(200, {"seq": self.publish_now(topic, body["data"])})
+
+    # -- plumbing --------------------------------------------------------------------------
+
+    def _need_hub(self) -> Hub:
+        assert self.hub is not None, "the server has not started"
+        return self.hub
+
+    def _now(self) -> float:
+        assert self._loop is not None
+        return self._loop.time()
+
+    def _stats(self) -> Any:
+        return self._need_hub().stats if self.hub is not None else None
+
+    def _connection_counts(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        if self.hub is not None:
+            for conn in self.hub.clients.values():
+                counts[conn.state.value] = counts.get(conn.state.value, 0) + 1
+        return counts
+
+
+def _json(status: int, body: Any) -> HttpResponse:
+    return json_response(body, status)
+
+
+def _error(status: int, code: str, message: str) -> HttpResponse:
+    return error_response(status, code, message)
+
+
+class _Publisher:
+    """What sources publish through: the server's synchronous publish on its own loop."""
+
+    def __init__(self, server: WirestateServer) -> None:
+        self.publish = server.publish_now
+
+
+def _peer(ws: ServerConnection) -> str:
+    try:
+        host, port = ws.remote_address[:2]
+    except (TypeError, ValueError):
+        return "?"
+    return f"{host}:{port}"
+
+
+def _peer_code(ws: ServerConnection) -> int | None:
+    rcvd = ws.protocol.close_rcvd
+    return rcvd.code if rcvd is not None else None
+
+
+async def run(settings: Settings) -> int:
+    """Serve until SIGINT or SIGTERM, then shut down gracefully; returns the exit status."""
+    server = WirestateServer(settings)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    async with server:
+        await stop.wait()
+        log.info("signal received, shutting down")
+    return 0

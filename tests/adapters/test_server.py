@@ -1,0 +1,358 @@
+"""The service on real loopback sockets, with millisecond intervals set through settings."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed
+
+from wirestate.adapters.server import WirestateServer
+from wirestate.models.settings import Settings
+
+WAIT = 10.0  # the bound on every wait: a failure, never a hang
+
+
+def settings(**server: Any) -> Settings:
+    values: dict[str, Any] = {
+        "port": 0,
+        "ping_interval": 0.05,
+        "ping_timeout": 0.1,
+        "close_timeout": 0.5,
+        "loop_stall_threshold": 0.05,
+    }
+    values.update(server)
+    return Settings.model_validate({"server": values})
+
+
+@pytest.fixture
+async def hub() -> AsyncIterator[WirestateServer]:
+    server = WirestateServer(settings(), epoch="test")
+    async with server:
+        yield server
+
+
+async def until(predicate: Callable[[], bool]) -> None:
+    """Wait for a condition the test cannot be notified of, with a bound."""
+    async with asyncio.timeout(WAIT):
+        while not predicate():  # noqa: ASYNC110 - counters have no event to wait on
+            await asyncio.sleep(0.005)
+
+
+async def recv(ws: ClientConnection) -> dict[str, Any]:
+    async with asyncio.timeout(WAIT):
+        raw = await ws.recv()
+    msg: dict[str, Any] = orjson.loads(raw)
+    return msg
+
+
+IDS: dict[ClientConnection, str] = {}
+
+
+async def client(server: WirestateServer, *topics: str) -> ClientConnection:
+    ws = await connect(server.url, compression=None, ping_interval=None)
+    welcome = await recv(ws)
+    assert welcome["type"] == "welcome"
+    IDS[ws] = welcome["client_id"]
+    if topics:
+        await ws.send(orjson.dumps({"type": "subscribe", "topics": list(topics)}).decode())
+        assert (await recv(ws))["type"] == "subscribed"
+    return ws
+
+
+async def drain_until_closed(ws: ClientConnection) -> None:
+    with contextlib.suppress(ConnectionClosed):
+        while True:
+            await recv(ws)
+
+
+async def next_of(ws: ClientConnection, kind: str, **match: Any) -> dict[str, Any]:
+    while True:
+        msg = await recv(ws)
+        if msg["type"] == kind and all(msg.get(k) == v for k, v in match.items()):
+            return msg
+
+
+async def connected(watcher: ClientConnection) -> str:
+    """The id of the next client that connects (not the watcher's own retained event)."""
+    while True:
+        msg = await next_of(watcher, "event", topic="clients")
+        data = msg["data"]
+        if data["event"] == "connected" and data["client_id"] != IDS[watcher]:
+            return str(data["client_id"])
+
+
+async def disconnected(watcher: ClientConnection, client_id: str) -> dict[str, Any]:
+    while True:
+        msg = await next_of(watcher, "event", topic="clients")
+        if msg["data"]["event"] == "disconnected" and msg["data"]["client_id"] == client_id:
+            data: dict[str, Any] = msg["data"]
+            return data
+
+
+# -- lifecycle over the wire ---------------------------------------------------------------
+
+
+async def test_welcome_then_events_in_order_with_consecutive_seq(hub: WirestateServer) -> None:
+    ws = await client(hub, "orders")
+    for i in range(20):
+        await hub.publish("orders", {"i": i})
+    got = [await next_of(ws, "event", topic="orders") for _ in range(20)]
+    assert [m["seq"] for m in got] == list(range(1, 21))
+    assert [m["data"]["i"] for m in got] == list(range(20))
+    assert all(m["stale"] is False and m["ts"].endswith("Z") for m in got)
+    await ws.close()
+
+
+async def test_a_hundred_clients_receive_every_event_in_order(hub: WirestateServer) -> None:
+    clients = await asyncio.gather(*(client(hub, "fan") for _ in range(100)))
+    for i in range(50):
+        await hub.publish("fan", {"i": i})
+
+    async def collect(ws: ClientConnection) -> list[int]:
+        return [(await next_of(ws, "event", topic="fan"))["seq"] for _ in range(50)]
+
+    results = await asyncio.gather(*(collect(ws) for ws in clients))
+    assert all(seqs == list(range(1, 51)) for seqs in results)
+    await asyncio.gather(*(ws.close() for ws in clients))
+
+
+async def test_connections_stay_open_across_many_ping_intervals(hub: WirestateServer) -> None:
+    ws = await client(hub)  # websockets answers protocol pings while it reads
+    reader = asyncio.create_task(ws.wait_closed())
+    pings = hub.hub.stats.pings if hub.hub else 0
+    await until(lambda: hub.hub is not None and hub.hub.stats.pings >= pings + 20)
+    assert not reader.done()
+    assert len(hub.hub.clients) == 1 if hub.hub else False
+    await ws.close()
+    await reader
+
+
+async def test_a_peer_that_never_answers_pings_is_closed_for_keepalive(
+    hub: WirestateServer,
+) -> None:
+    watcher = await client(hub, "clients")
+    # A raw peer: completes the upgrade, then never reads again, so never pongs.
+    reader, writer = await asyncio.open_connection("127.0.0.1", hub.port)
+    writer.write(
+        b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), WAIT)
+    assert head.startswith(b"HTTP/1.1 101")
+    silent_id = await connected(watcher)
+    started = time.monotonic()
+    gone = await disconnected(watcher, silent_id)
+    assert gone["cause"] == "keepalive_timeout"
+    assert gone["code"] == 1011
+    assert time.monotonic() - started >= 0.1  # at least ping_interval + ping_timeout
+    writer.close()
+    await watcher.close()
+
+
+async def test_a_stalled_loop_does_not_reap_healthy_peers(hub: WirestateServer) -> None:
+    ws = await client(hub)
+    waiter = asyncio.create_task(ws.wait_closed())
+    assert hub.hub is not None
+    await until(lambda: hub.hub is not None and hub.hub.stats.pings >= 2)
+    for _ in range(3):
+        time.sleep(0.4)  # noqa: ASYNC251 - a deliberate stall of the loop: 4x ping_timeout
+        await asyncio.sleep(0.1)
+    await until(lambda: hub.hub is not None and hub.hub.stats.loop_stalls >= 1)
+    assert not waiter.done(), "a healthy peer was reaped during a stall"
+    assert len(hub.hub.clients) == 1
+    await ws.close()
+    await waiter
+
+
+# -- bad input -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("frame", "code"),
+    [
+        ("{not json", "bad_json"),
+        ('{"type": "teleport"}', "unknown_type"),
+        ('{"type": "subscribe", "topics": []}', "invalid_message"),
+        ('{"type": "subscribe", "topics": ["ok"], "extra": 1}', "invalid_message"),
+        (b"\x00\x01binary", "invalid_message"),
+        ('{"type": "publish", "topic": "clients", "data": {}}', "forbidden"),
+    ],
+)
+async def test_bad_input_gets_an_error_and_the_connection_stays_usable(
+    hub: WirestateServer, frame: str | bytes, code: str
+) -> None:
+    ws = await client(hub)
+    other = await client(hub, "t")
+    await ws.send(frame)
+    error = await next_of(ws, "error")
+    assert error["code"] == code
+    assert "not json" not in error["message"]  # never echoes the input
+    await ws.send('{"type": "ping", "id": "still-here"}')
+    assert (await next_of(ws, "pong"))["id"] == "still-here"
+    await hub.publish("t", 1)
+    assert (await next_of(other, "event"))["seq"] == 1
+    await ws.close()
+    await other.close()
+
+
+async def test_repeated_abuse_closes_with_1008(hub: WirestateServer) -> None:
+    ws = await client(hub)
+    for _ in range(5):
+        await ws.send("{not json")
+    await drain_until_closed(ws)
+    assert ws.close_code == 1008
+    assert ws.close_reason == "policy"
+
+
+async def test_an_oversized_frame_closes_with_1009() -> None:
+    server = WirestateServer(
+        Settings.model_validate({"server": {"port": 0}, "limits": {"max_message_size": 1024}})
+    )
+    async with server:
+        watcher = await client(server, "clients")
+        ws = await client(server)
+        big_id = await connected(watcher)
+        await ws.send("x" * 4096)
+        await drain_until_closed(ws)
+        assert ws.close_code == 1009
+        gone = await disconnected(watcher, big_id)
+        assert (gone["cause"], gone["code"]) == ("message_too_big", 1009)
+        await watcher.close()
+
+
+# -- slow consumers ------------------------------------------------------------------------
+
+
+async def test_a_slow_consumer_is_cut_off_without_delaying_the_others() -> None:
+    server = WirestateServer(settings(send_queue_size=8, ping_interval=5.0), epoch="slow")
+    async with server:
+        fast = await client(server, "big")
+        slow = await client(server, "big")
+        slow.transport.pause_reading()  # stops reading; its socket buffers fill up
+        payload = os.urandom(48 * 1024).hex()  # incompressible
+        bound = 0
+        for i in range(200):
+            await server.publish("big", {"i": i, "blob": payload})
+            assert server.hub is not None
+            bound = max(bound, *(len(c.outbox) for c in server.hub.clients.values()))
+            got = await next_of(fast, "event", topic="big")
+            assert got["data"]["i"] == i
+        assert bound <= 8
+        assert server.hub is not None
+        await until(
+            lambda: server.hub is not None and server.hub.stats.disconnects["slow_consumer"] >= 1
+        )
+        await fast.close()
+
+
+# -- HTTP on the same port -----------------------------------------------------------------
+
+
+async def http(port: int, method: str, path: str, body: bytes = b"") -> tuple[int, bytes]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(
+        f"{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n"
+        "Connection: close\r\n\r\n".encode()
+        + body
+    )
+    raw = await asyncio.wait_for(reader.read(), WAIT)
+    writer.close()
+    head, _, rest = raw.partition(b"\r\n\r\n")
+    return int(head.split()[1]), rest
+
+
+async def test_http_endpoints_beside_ws(hub: WirestateServer) -> None:
+    ws = await client(hub, "orders")
+    status, body = await http(hub.port, "GET", "/healthz")
+    assert (status, orjson.loads(body)) == (200, {"status": "ok"})
+    status, body = await http(hub.port, "GET", "/readyz")
+    assert status == 200
+    status, body = await http(
+        hub.port, "POST", "/publish", orjson.dumps({"topic": "orders", "data": {"id": 7}})
+    )
+    assert (status, orjson.loads(body)) == (200, {"seq": 1})
+    event = await next_of(ws, "event", topic="orders")
+    assert event["data"] == {"id": 7}
+    status, body = await http(hub.port, "POST", "/publish", b"{oops")
+    assert status == 400
+    assert orjson.loads(body)["error"] == "bad_json"
+    status, body = await http(
+        hub.port, "POST", "/publish", orjson.dumps({"topic": "clients", "data": 1})
+    )
+    assert status == 403
+    status, body = await http(hub.port, "GET", "/metrics")
+    assert status == 200
+    for name in (
+        "wirestate_connections",
+        "wirestate_messages_sent_total",
+        "wirestate_disconnects_total",
+    ):
+        assert name.encode() in body
+    await ws.close()
+
+
+# -- shutdown ------------------------------------------------------------------------------
+
+
+async def test_stop_closes_every_client_with_1001() -> None:
+    server = WirestateServer(settings(), epoch="stop")
+    await server.start()
+    clients = [await client(server, "t") for _ in range(5)]
+    await server.stop()
+    for ws in clients:
+        await asyncio.wait_for(ws.wait_closed(), WAIT)
+        assert ws.close_code == 1001
+        assert ws.close_reason == "shutdown"
+    assert server.hub is not None
+    assert server.hub.clients == {}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def test_sigterm_closes_clients_with_1001_and_exits_0(tmp_path: Path) -> None:
+    port = _free_port()
+    exe = Path(sys.executable).with_name("wirestate")
+    proc = subprocess.Popen(  # noqa: ASYNC220 - started once, waited on in a thread
+        [str(exe), "serve", "--port", str(port), "--log-format", "json"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        url = f"ws://127.0.0.1:{port}/ws"
+        ws = None
+        async with asyncio.timeout(WAIT):
+            while ws is None:
+                try:
+                    ws = await connect(url, ping_interval=None)
+                except OSError:
+                    await asyncio.sleep(0.05)
+        assert (await recv(ws))["type"] == "welcome"
+        proc.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(ws.wait_closed(), WAIT)
+        assert ws.close_code == 1001
+        assert await asyncio.to_thread(proc.wait, WAIT) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+    logs = [orjson.loads(line) for line in proc.stderr.read().splitlines() if line.strip()]  # type: ignore[union-attr]
+    assert any(
+        line.get("msg") == "disconnected" and line.get("cause") == "shutdown" for line in logs
+    )
