@@ -143,3 +143,6 @@ def configure_logging(
     root.addHandler(handler)
     root.setLevel(levels[name])
     logging.getLogger("transitions").setLevel(logging.ERROR)
+    # websockets logs every connection open and close at INFO, naming the connection
+    # object: wirestate's own lines say the same with the client id and the close cause.
+    logging.getLogger("websockets").setLevel(max(logging.WARNING, root.level))

@@ -356,3 +356,97 @@ async def test_sigterm_closes_clients_with_1001_and_exits_0(tmp_path: Path) -> N
     assert any(
         line.get("msg") == "disconnected" and line.get("cause") == "shutdown" for line in logs
     )
+
+
+# -- sources -------------------------------------------------------------------------------
+
+
+async def test_the_builtin_system_status_source_is_served(hub: WirestateServer) -> None:
+    ws = await client(hub, "system_status")
+    event = await next_of(ws, "event", topic="system_status")
+    assert {"cpu", "memory", "load", "uptime"} <= set(event["data"])
+    assert event["data"]["memory"]["total"] > 0
+    await ws.close()
+
+
+class Upstream:
+    """A real HTTP upstream on loopback: serves JSON until told to fail, counts requests."""
+
+    def __init__(self) -> None:
+        self.failing = False
+        self.requests = 0
+        self.server: asyncio.Server | None = None
+
+    async def __aenter__(self) -> Upstream:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.server is not None
+        self.server.close()
+        await self.server.wait_closed()
+
+    @property
+    def url(self) -> str:
+        assert self.server is not None
+        port = self.server.sockets[0].getsockname()[1]
+        return f"http://127.0.0.1:{port}/agents"
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
+            while True:
+                await reader.readuntil(b"\r\n\r\n")
+                self.requests += 1
+                status, body = (
+                    (b"500 Internal Server Error", b"{}")
+                    if self.failing
+                    else (b"200 OK", orjson.dumps({"agents": self.requests}))
+                )
+                writer.write(
+                    b"HTTP/1.1 " + status + b"\r\nContent-Type: application/json\r\n"
+                    b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+                )
+                await writer.drain()
+        writer.close()
+
+
+async def test_an_http_source_opens_its_breaker_serves_stale_and_recovers() -> None:
+    async with Upstream() as upstream:
+        server = WirestateServer(
+            Settings.model_validate(
+                {
+                    "server": {"port": 0},
+                    "sources": [
+                        {
+                            "kind": "http",
+                            "topic": "agent_status",
+                            "url": upstream.url,
+                            "interval": 0.05,
+                            "timeout": 1.0,
+                            "breaker": {"failure_threshold": 5, "reset_timeout": 0.3},
+                        }
+                    ],
+                }
+            )
+        )
+        async with server:
+            ws = await client(server, "agent_status", "circuit_breaker")
+            fresh = await next_of(ws, "event", topic="agent_status", stale=False)
+            upstream.failing = True
+            opened = await next_of(ws, "event", topic="circuit_breaker")
+            assert opened["data"]["breaker"] == "agent_status"
+            assert (opened["data"]["from"], opened["data"]["to"]) == ("closed", "open")
+            assert opened["data"]["failures"] == 5
+            calls_when_opened = upstream.requests
+            stale = await next_of(ws, "event", topic="agent_status", stale=True)
+            assert stale["data"] == fresh["data"] or "agents" in stale["data"]
+            assert stale["age"] > 0
+            upstream.failing = False
+            half = await next_of(ws, "event", topic="circuit_breaker")
+            assert (half["data"]["from"], half["data"]["to"]) == ("open", "half_open")
+            assert upstream.requests == calls_when_opened  # no call while open
+            closed = await next_of(ws, "event", topic="circuit_breaker")
+            assert (closed["data"]["from"], closed["data"]["to"]) == ("half_open", "closed")
+            recovered = await next_of(ws, "event", topic="agent_status", stale=False)
+            assert recovered["data"]["agents"] > fresh["data"]["agents"]
+            await ws.close()
