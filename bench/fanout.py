@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import resource
 import shutil
 import socket
@@ -63,7 +62,6 @@ async def _serve(mode: str, port: int, subscribers: int, events: int, idle: bool
     def data(i: int) -> dict[str, Any]:
         return {"i": i, "t": time.monotonic(), "pad": PAYLOAD_PAD}
 
-    rss0 = _rss_kib()
     if mode == "wirestate":
         from wirestate.adapters.server import WirestateServer
         from wirestate.models.settings import Settings
@@ -73,14 +71,16 @@ async def _serve(mode: str, port: int, subscribers: int, events: int, idle: bool
         )
         server = WirestateServer(settings, epoch="bench")
         await server.start()
+        rss0 = _rss_kib()
         hub = server.hub
         assert hub is not None
 
-        async def wait_subscribed() -> None:
-            while len(hub.topics.get("bench", None).subscribers if "bench" in hub.topics else ()) < subscribers:
-                await asyncio.sleep(0.01)
+        def subscribed() -> int:
+            topic = hub.topics.get("bench")
+            return len(topic.subscribers) if topic is not None else 0
 
-        await wait_subscribed()
+        while subscribed() < subscribers:  # noqa: ASYNC110 - polled once per 10 ms
+            await asyncio.sleep(0.01)
         report["rss_kib_per_conn"] = (_rss_kib() - rss0) / subscribers
         if idle:
             print(json.dumps(report), flush=True)
@@ -90,7 +90,8 @@ async def _serve(mode: str, port: int, subscribers: int, events: int, idle: bool
         for i in range(events):
             await server.publish("bench", data(i))
             await asyncio.sleep(0)
-        while any(c.outbox for c in hub.clients.values()) or any(
+        # Written means: out of every outbox and out of every transport buffer.
+        while any(c.outbox for c in hub.clients.values()) or any(  # noqa: ASYNC110
             c.ws.transport.get_write_buffer_size() for c in server._clients.values()
         ):
             await asyncio.sleep(0.001)
@@ -110,6 +111,7 @@ async def _serve(mode: str, port: int, subscribers: int, events: int, idle: bool
             connected.discard(ws)
 
     async with serve(handler, "127.0.0.1", port, compression=None, ping_interval=None):
+        rss0 = _rss_kib()
         await ready.wait()
         report["rss_kib_per_conn"] = (_rss_kib() - rss0) / subscribers
         if idle:
@@ -118,13 +120,14 @@ async def _serve(mode: str, port: int, subscribers: int, events: int, idle: bool
         conns = list(connected)
         cpu0, wall0 = time.process_time(), time.perf_counter()
         for i in range(events):
-            frame = orjson.dumps({"type": "event", "topic": "bench", "seq": i + 1, "data": data(i)}).decode()
+            event = {"type": "event", "topic": "bench", "seq": i + 1, "data": data(i)}
+            frame = orjson.dumps(event).decode()
             if mode == "ws_broadcast":
                 broadcast(conns, frame)
             else:
                 await asyncio.gather(*(ws.send(frame) for ws in conns))
             await asyncio.sleep(0)
-        while any(ws.transport.get_write_buffer_size() for ws in conns):
+        while any(ws.transport.get_write_buffer_size() for ws in conns):  # noqa: ASYNC110
             await asyncio.sleep(0.001)
         report["cpu_s"] = time.process_time() - cpu0
         report["wall_s"] = time.perf_counter() - wall0
@@ -229,7 +232,9 @@ def main() -> int:
     ap.add_argument("--subscribers", type=int, default=1000)
     ap.add_argument("--events", type=int, default=100)
     ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--idle", type=int, default=10000, help="connections for the idle test, 0 skips")
+    ap.add_argument(
+        "--idle", type=int, default=10000, help="connections for the idle test, 0 skips"
+    )
     ap.add_argument("--idle-run", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
@@ -240,7 +245,7 @@ def main() -> int:
         asyncio.run(_load(args.mode, args.port, args.subscribers, args.events, args.idle_run))
         return 0
 
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     modes = ("wirestate", "ws_broadcast", "ws_send")
     runs: dict[str, list[dict[str, Any]]] = {m: [] for m in modes}
@@ -248,8 +253,11 @@ def main() -> int:
         for mode in modes:  # interleaved, so drift hits every mode alike
             res = one_run(mode, args.subscribers, args.events, idle=False)
             runs[mode].append(res)
-            print(f"run {r + 1} {mode}: {res['us_per_delivery']:.2f} us/delivery, "
-                  f"p50 {res['p50_ms']:.1f} ms, p99 {res['p99_ms']:.1f} ms", flush=True)
+            print(
+                f"run {r + 1} {mode}: {res['us_per_delivery']:.2f} us/delivery, "
+                f"p50 {res['p50_ms']:.1f} ms, p99 {res['p99_ms']:.1f} ms",
+                flush=True,
+            )
     keys = ("us_per_delivery", "p50_ms", "p99_ms", "max_ms", "rss_kib_per_conn")
     median = {m: {k: statistics.median(x[k] for x in runs[m]) for k in keys} for m in modes}
     report: dict[str, Any] = {
@@ -263,7 +271,10 @@ def main() -> int:
         / median["ws_send"]["us_per_delivery"],
     }
     if args.idle:
-        idle = {m: one_run(m, args.idle, 0, idle=True)["rss_kib_per_conn"] for m in ("wirestate", "ws_broadcast")}
+        idle = {
+            m: one_run(m, args.idle, 0, idle=True)["rss_kib_per_conn"]
+            for m in ("wirestate", "ws_broadcast")
+        }
         report["idle_kib_per_conn"] = idle
         report["idle_ratio"] = idle["wirestate"] / idle["ws_broadcast"]
     print(json.dumps(report, indent=2))

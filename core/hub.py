@@ -274,6 +274,15 @@ class Hub:
         early (a timer since cancelled); a tick then does nothing."""
         return self._timers[0][0] if self._timers else None
 
+    def oldest_queued_at(self, conn: Connection) -> float | None:
+        """When the oldest event still in the client's outbox was published (``now`` of
+        its ``publish``), or None: the adapter's publish-to-write latency, one reading per
+        write, with no per-message bookkeeping."""
+        for entry in conn.outbox:
+            if entry.__class__ is not bytes:
+                return entry.at  # type: ignore[union-attr]
+        return None
+
     def drain(self, conn: Connection) -> list[bytes]:
         """Everything queued for the client's writer, in order, with owed gaps in place.
 

@@ -299,8 +299,17 @@ async def test_http_endpoints_beside_ws(hub: WirestateServer) -> None:
         "wirestate_connections",
         "wirestate_messages_sent_total",
         "wirestate_disconnects_total",
+        "wirestate_messages_dropped_total",
+        "wirestate_event_loop_lag_seconds",
     ):
         assert name.encode() in body
+    written = [
+        line
+        for line in body.splitlines()
+        if line.startswith(b"wirestate_publish_to_write_seconds_count")
+    ]
+    assert written
+    assert float(written[0].split()[-1]) >= 1  # the event above was timed to its write
     await ws.close()
 
 

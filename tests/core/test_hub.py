@@ -443,6 +443,19 @@ def test_too_many_topics_is_refused_whole() -> None:
     assert conn.topics == {"a"}
 
 
+def test_oldest_queued_at_is_the_publish_time_of_the_first_queued_event() -> None:
+    hub = Hub()
+    conn = open_client(hub)
+    hub.app_ping(conn, "p", 0.5)
+    assert hub.oldest_queued_at(conn) is None  # control frames only
+    hub.subscribe(conn, ["t"], 0.0)
+    hub.publish("t", 1, 2.0)
+    hub.publish("t", 2, 3.0)
+    assert hub.oldest_queued_at(conn) == 2.0
+    hub.drain(conn)
+    assert hub.oldest_queued_at(conn) is None
+
+
 def test_application_ping_gets_a_pong_with_its_id() -> None:
     hub = Hub()
     conn = open_client(hub)
