@@ -100,3 +100,28 @@ def test_the_console_script_is_installed() -> None:
     done = subprocess.run([str(exe), "--help"], capture_output=True, text=True, check=True)
     assert "check" in done.stdout
     assert "diagram" in done.stdout
+
+
+def test_serve_refuses_a_bad_config_naming_the_key(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "wirestate.toml"
+    config.write_text("[server]\nprot = 12080\n")
+    code, out = run("serve", "--config", str(config))
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "invalid configuration" in err
+    assert "server.prot" in err
+    assert out == ""
+
+
+def test_serve_says_when_the_port_is_taken(capsys: pytest.CaptureFixture[str]) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        code, _ = run("serve", "--port", str(port))
+    assert code == 1
+    assert f"cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err

@@ -459,3 +459,28 @@ async def test_an_http_source_opens_its_breaker_serves_stale_and_recovers() -> N
             recovered = await next_of(ws, "event", topic="agent_status", stale=False)
             assert recovered["data"]["agents"] > fresh["data"]["agents"]
             await ws.close()
+
+
+async def test_the_client_command_against_the_real_server(hub: WirestateServer) -> None:
+    import io
+
+    from wirestate.adapters import cli
+
+    out = io.StringIO()
+    argv = ["client", hub.url, "--topic", "orders", "--count", "2", "--json"]
+    running = asyncio.create_task(asyncio.to_thread(cli.main, argv, out))
+    await until(
+        lambda: (
+            hub.hub is not None
+            and "orders" in hub.hub.topics
+            and len(hub.hub.topics["orders"].subscribers) == 1
+        )
+    )
+    await hub.publish("orders", {"id": 1})
+    await hub.publish("orders", {"id": 2})
+    assert await asyncio.wait_for(running, WAIT) == 0
+    lines = [orjson.loads(line) for line in out.getvalue().splitlines()]
+    assert [m["data"]["id"] for m in lines if m.get("type") == "event"] == [1, 2]
+    summary = lines[-1]["summary"]
+    assert summary["events"] == 2
+    assert summary["close_cause"] == "client_close"
