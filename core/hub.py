@@ -20,7 +20,7 @@ Rules and invariants (DESIGN.md, "Connection lifecycle"; checked after every ste
    still running, so a stuck pump cannot keep it registered.
 
 The hot path (``publish`` to N subscribers) serializes the event once and appends the same
-object to N bounded deques: no per-recipient object, no ``transitions`` trigger.
+object to N bounded outboxes: no per-recipient object, no ``transitions`` trigger.
 
 Keep-alive: the hub pings each open client every ``ping_interval`` and closes it with
 ``keepalive_timeout`` when the pong is ``ping_timeout`` late. When the adapter reports that its
@@ -151,7 +151,9 @@ class Connection:
         self.opened_at = now
         self.closing_at: float | None = None
         self.close_deadline: float | None = None
-        self.outbox: deque[_Event | bytes] = deque()
+        # A list, not a deque: only appended, iterated and cleared on the hot path, and an
+        # empty deque costs ~600 bytes more per connection (10,000 idle connections: 6 MB).
+        self.outbox: list[_Event | bytes] = []
         self.owed: dict[str, list[list[int]]] | None = None  # gap ranges owed per topic
         self.topics: set[str] = set()
         self.next_ping_at: float | None = None
@@ -208,7 +210,10 @@ def _dumps(value: Any) -> bytes:
     return orjson.dumps(value, option=_OPTS)
 
 
-_frame = _dumps
+def _frame(value: dict[str, Any]) -> bytes:
+    """A control frame held in an outbox: exact-size bytes (orjson's own output keeps a
+    4 KiB allocation behind even a small result, once per queued frame)."""
+    return orjson.dumps(value, option=_OPTS).decode().encode()
 
 
 class _WallStamp:
@@ -455,9 +460,11 @@ class Hub:
                 conn.owed.pop(name, None)
         conn.topics -= gone
         if gone and conn.outbox:
-            kept = [e for e in conn.outbox if e.__class__ is bytes or e.topic not in gone]  # type: ignore[union-attr]
-            conn.outbox.clear()
-            conn.outbox.extend(kept)
+            conn.outbox[:] = [
+                e
+                for e in conn.outbox
+                if e.__class__ is bytes or e.topic not in gone  # type: ignore[union-attr]
+            ]
 
     def app_ping(self, conn: Connection, ping_id: str | None, now: float) -> None:
         """The application-level ``ping`` (browsers cannot send protocol pings); the

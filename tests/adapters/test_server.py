@@ -484,3 +484,16 @@ async def test_the_client_command_against_the_real_server(hub: WirestateServer) 
     summary = lines[-1]["summary"]
     assert summary["events"] == 2
     assert summary["close_cause"] == "client_close"
+
+
+async def test_frames_of_every_length_class_arrive_intact(hub: WirestateServer) -> None:
+    """The server encodes an event's frame once for all recipients: 7-bit, 16-bit and
+    64-bit payload lengths (RFC 6455 section 5.2) must all parse at the client."""
+    a, b = await client(hub, "sizes"), await client(hub, "sizes")
+    blobs = ["s", "m" * 1000, "l" * 70_000]
+    for blob in blobs:
+        await hub.publish("sizes", {"blob": blob})
+    for ws in (a, b):
+        got = [(await next_of(ws, "event", topic="sizes"))["data"]["blob"] for _ in blobs]
+        assert got == blobs
+        await ws.close()
