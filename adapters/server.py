@@ -37,7 +37,7 @@ import orjson
 from pydantic import TypeAdapter, ValidationError
 from websockets.asyncio.server import Server as WsServer
 from websockets.asyncio.server import ServerConnection, serve
-from websockets.exceptions import ConnectionClosed, ConnectionClosedError, ConnectionClosedOK
+from websockets.exceptions import ConnectionClosed, ConnectionClosedOK
 from websockets.http11 import Request, Response
 from websockets.protocol import State
 
@@ -368,18 +368,17 @@ class WirestateServer:
         hub, conn, ws = self._need_hub(), client.conn, client.ws
         cause, code = CloseCause.READ_ERROR, None
         try:
-            async for message in ws:
+            # recv() rather than `async for`: no async generator kept per connection.
+            while True:
+                message = await ws.recv()
                 now = self._now()
                 if isinstance(message, bytes):
                     hub.bad_input(conn, ErrorCode.INVALID_MESSAGE, BINARY_MESSAGE, now)
                 else:
                     self._message(conn, message, now)
                 self._dispatch()
-            cause, code = CloseCause.PEER_CLOSE, _peer_code(ws)
-        except ConnectionClosedError as exc:
-            code = exc.rcvd.code if exc.rcvd is not None else None
-            if exc.sent is not None and exc.sent.code == 1009:
-                cause, code = CloseCause.MESSAGE_TOO_BIG, 1009
+        except ConnectionClosed as exc:
+            cause, code = _read_end(exc)
         finally:
             hub.reader_done(conn, self._now(), cause, code)
             self._dispatch()
@@ -693,9 +692,14 @@ def _open(ws: ServerConnection) -> bool:
     return ws.protocol.state is State.OPEN and not ws.transport.is_closing()
 
 
-def _peer_code(ws: ServerConnection) -> int | None:
-    rcvd = ws.protocol.close_rcvd
-    return rcvd.code if rcvd is not None else None
+def _read_end(exc: ConnectionClosed) -> tuple[CloseCause, int | None]:
+    """Why the reader ended: our 1009 for an oversized frame, else the peer's close frame
+    (whatever its code), else a read error (no close frame: 1006)."""
+    if exc.sent is not None and exc.sent.code == 1009:
+        return CloseCause.MESSAGE_TOO_BIG, 1009
+    if exc.rcvd is not None:
+        return CloseCause.PEER_CLOSE, exc.rcvd.code
+    return CloseCause.READ_ERROR, None
 
 
 async def run(settings: Settings) -> int:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import platform
 import statistics
@@ -132,9 +133,15 @@ def bench_route(subscribers: int = 10_000) -> dict[str, float]:
             c.outbox.clear()
 
     per_publish = _best(route, 20) - _best(clear_only, 20)
+    gc.collect()
+    objects_before = len(gc.get_objects())
+    hub.publish("system_status", PAYLOAD, 2.0)
+    objects_after = len(gc.get_objects())
+    for c in conns:
+        c.outbox.clear()
     tracemalloc.start()
     before = tracemalloc.take_snapshot()
-    hub.publish("system_status", PAYLOAD, 2.0)
+    hub.publish("system_status", PAYLOAD, 3.0)
     after = tracemalloc.take_snapshot()
     tracemalloc.stop()
     blocks = sum(s.count_diff for s in after.compare_to(before, "filename") if s.count_diff > 0)
@@ -144,6 +151,7 @@ def bench_route(subscribers: int = 10_000) -> dict[str, float]:
         "payload_bytes": float(size),
         "allocated_blocks": float(blocks),
         "blocks_per_recipient": blocks / subscribers,
+        "gc_objects_per_recipient": (objects_after - objects_before) / subscribers,
         "ready_entries": float(len(ready)),
     }
 

@@ -497,3 +497,27 @@ async def test_frames_of_every_length_class_arrive_intact(hub: WirestateServer) 
         got = [(await next_of(ws, "event", topic="sizes"))["data"]["blob"] for _ in blobs]
         assert got == blobs
         await ws.close()
+
+
+@pytest.mark.parametrize(("code", "reason"), [(1000, ""), (1001, "bye"), (4000, "app")])
+async def test_a_peer_close_is_recorded_with_the_peers_code(
+    hub: WirestateServer, code: int, reason: str
+) -> None:
+    watcher = await client(hub, "clients")
+    ws = await client(hub)
+    peer_id = await connected(watcher)
+    await ws.close(code, reason)
+    gone = await disconnected(watcher, peer_id)
+    assert (gone["cause"], gone["code"]) == ("peer_close", code)
+    await watcher.close()
+
+
+async def test_a_dropped_tcp_connection_is_a_read_error(hub: WirestateServer) -> None:
+    watcher = await client(hub, "clients")
+    ws = await client(hub)
+    peer_id = await connected(watcher)
+    ws.transport.abort()  # no close frame: the server sees the socket end
+    gone = await disconnected(watcher, peer_id)
+    assert gone["cause"] == "read_error"
+    assert gone["code"] == 1006  # abnormal closure: no close frame
+    await watcher.close()
