@@ -459,6 +459,10 @@ class WirestateServer:
         queued, a fragmented message in progress) goes through websockets' encoder."""
         if not _open(ws):
             raise ConnectionClosedOK(None, None)
+        self._write_open(ws, frames)
+
+    def _write_open(self, ws: ServerConnection, frames: list[bytes]) -> None:
+        """``_write`` for a connection already known to be open."""
         protocol = ws.protocol
         if protocol.extensions or protocol.writes or protocol.expect_continuation_frame:
             for frame in frames:
@@ -558,7 +562,7 @@ class WirestateServer:
                 # can interleave). It saves a task wake-up per delivery; anything that may
                 # wait (a full buffer, a ping, a close) still goes through the writer.
                 published_at = hub.oldest_queued_at(client.conn) if sample else None
-                self._write(ws, hub.drain(client.conn))
+                self._write_open(ws, hub.drain(client.conn))
                 if published_at is not None:
                     self.metrics.observe_publish_to_write(self._now() - published_at)
                     sample = False
