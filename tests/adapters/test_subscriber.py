@@ -460,3 +460,29 @@ def test_bad_arguments_are_refused_before_connecting() -> None:
         connect("ws://127.0.0.1:1/ws", topics=[TOPIC], open_timeout=0)
     with pytest.raises(InvalidURI):
         connect("http://127.0.0.1:1/ws", topics=[TOPIC])
+
+
+async def test_time_spent_by_the_application_is_not_blamed_on_the_server() -> None:
+    async def script(ws: ServerConnection, n: int) -> None:
+        await fake_.handshake(ws)
+        await ws.send(event(1))
+        await ws.send(event(2))
+        await fake_.serve_pings(ws)
+
+    fake_ = Fake(script, ping_interval=0.02, timeout=0.03)
+    async with fake(fake_) as url, connect(url, topics=[TOPIC], backoff=FAST) as sub:
+        assert seqs(await take(sub, 1)) == [1]
+        # The application works for several windows (0.05 s) before asking for more; the
+        # server is fine, so the next item comes from the same connection.
+        await asyncio.sleep(0.2)
+        assert seqs(await take(sub, 1)) == [2]
+        assert sub.connections == 1
+    assert fake_.connections == 1
+
+
+async def test_stale_events_keep_their_flag_and_age() -> None:
+    async with hub() as server, connect(server.url, topics=[TOPIC], backoff=FAST) as sub:
+        await server.publish(TOPIC, {"cpu": 1}, stale=True, age=12.5)
+        [item] = await take(sub, 1)
+        assert isinstance(item, Event)
+        assert (item.stale, item.age, item.data) == (True, 12.5, {"cpu": 1})
