@@ -151,7 +151,8 @@ class ProxyStats:
     closed: int = 0  # connections ended, for any reason
     bytes_up: int = 0  # forwarded client -> upstream
     bytes_down: int = 0  # forwarded upstream -> client
-    faults: Counter[str] = field(default_factory=Counter)  # by kind
+    #: Faults injected, by kind (cut, stall, delay, throttle); a cut counts per connection.
+    faults: Counter[str] = field(default_factory=Counter)
     chaos_steps: int = 0
 
 
@@ -392,6 +393,8 @@ class FaultProxy:
         self._handlers: set[asyncio.Task[None]] = set()
         self._chaos: asyncio.Task[None] | None = None
         self._closing = False
+        #: Unexpected exceptions of connection handlers (peer errors are not among them).
+        self.failures: list[BaseException] = []
 
     # -- lifetime --------------------------------------------------------------------------
 
@@ -414,7 +417,8 @@ class FaultProxy:
 
     async def aclose(self) -> None:
         """Stop accepting, stop chaos, abort every connection, wait for every task
-        (bounded). Idempotent; the proxy cannot be started again."""
+        (bounded). Idempotent; the proxy cannot be started again. Raises an exception group
+        if a connection handler failed unexpectedly (a bug, not a network fault)."""
         if self._closing:
             return
         self._closing = True
@@ -434,6 +438,8 @@ class FaultProxy:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(CLOSE_TIMEOUT):
                     await self._server.wait_closed()
+        if self.failures:
+            raise BaseExceptionGroup("fault proxy connection handlers failed", self.failures)
 
     # -- faults on command -----------------------------------------------------------------
 
@@ -481,7 +487,7 @@ class FaultProxy:
         for target in self._targets(conn):
             for pipe in target._pipes(direction):
                 pipe.resume()
-        self._record("resume", conn, "command", direction=direction)
+        self._record("resume", conn, "command", direction=direction, count=False)
 
     def delay(
         self, seconds: float, *, conn: int | None = None, direction: Direction | None = None
@@ -495,7 +501,9 @@ class FaultProxy:
         for target in self._targets(conn):
             for pipe in target._pipes(direction):
                 pipe.delay = seconds
-        self._record("delay", conn, "command", seconds=seconds, direction=direction)
+        self._record(
+            "delay", conn, "command", seconds=seconds, direction=direction, count=seconds > 0
+        )
 
     def throttle(
         self,
@@ -513,7 +521,14 @@ class FaultProxy:
         for target in self._targets(conn):
             for pipe in target._pipes(direction):
                 pipe.rate = bytes_per_second
-        self._record("throttle", conn, "command", rate=bytes_per_second, direction=direction)
+        self._record(
+            "throttle",
+            conn,
+            "command",
+            rate=bytes_per_second,
+            direction=direction,
+            count=bytes_per_second is not None,
+        )
 
     # -- faults at random ------------------------------------------------------------------
 
@@ -572,17 +587,32 @@ class FaultProxy:
 
     # -- plumbing --------------------------------------------------------------------------
 
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        # asyncio runs this callback in a task it creates; the proxy takes ownership of it
-        # here so that aclose can cancel and await it.
-        task = asyncio.current_task()
-        assert task is not None
+    def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        # A plain callback, not a coroutine: asyncio would otherwise run the handler in a task
+        # of its own that nobody owns (and Python 3.11's stream callback fails on cancelled
+        # ones). The proxy owns the task; aclose cancels and awaits it.
         if self._closing:
             _reset(writer)
             return
-        self._handlers.add(task)
         index = self.stats.accepted
         self.stats.accepted += 1
+        task = asyncio.get_running_loop().create_task(
+            self._serve(index, reader, writer), name=f"faultproxy-conn-{index}"
+        )
+        self._handlers.add(task)
+        task.add_done_callback(self._handler_done)
+
+    def _handler_done(self, task: asyncio.Task[None]) -> None:
+        self._handlers.discard(task)
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is not None:  # a bug in the proxy, not a network fault: aclose raises it
+            self.failures.append(exc)
+
+    async def _serve(
+        self, index: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
         conn: ProxyConnection | None = None
         clean = False
         try:
@@ -600,12 +630,13 @@ class FaultProxy:
             clean = True
             await conn.close()
         finally:
-            if conn is not None:
+            if conn is None:  # cancelled while connecting upstream: the proxy is closing
+                _reset(writer)
+            else:
                 if not clean:  # cancelled (the proxy is closing) or failed: reset both sides
                     conn.abort()
                 del self.connections[index]
             self.stats.closed += 1
-            self._handlers.discard(task)
 
     def _end_stall(self, direction: Direction | None) -> None:
         self._stall_timer = None
@@ -631,7 +662,11 @@ class FaultProxy:
         seconds: float | None = None,
         rate: float | None = None,
         direction: Direction | None = None,
+        count: bool = True,
     ) -> None:
+        """Log every command; count only those that inject a fault (not a resume, a zero
+        delay or a throttle removed)."""
         now = asyncio.get_running_loop().time()
         self.log.append(Fault(kind, conn, now, source, seconds, rate, direction))
-        self.stats.faults[kind] += 1
+        if count:
+            self.stats.faults[kind] += 1
