@@ -50,11 +50,13 @@ import struct
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Literal, TypeAlias
 
 __all__ = [
     "ChaosConfig",
     "Direction",
     "Fault",
+    "FaultKind",
     "FaultProxy",
     "PlannedFault",
     "ProxyConnection",
@@ -80,6 +82,9 @@ class Direction(enum.StrEnum):
 
 BOTH: tuple[Direction, Direction] = (Direction.UP, Direction.DOWN)
 
+FaultKind: TypeAlias = Literal["cut", "stall", "resume", "delay", "throttle"]
+FaultSource: TypeAlias = Literal["command", "chaos"]
+
 
 @dataclass(frozen=True)
 class Fault:
@@ -87,10 +92,10 @@ class Fault:
     ``seconds`` is the stall or delay length (None: a stall until ``resume``), ``rate`` a
     throttle's bytes per second (None: unthrottled)."""
 
-    kind: str  # cut, stall, resume, delay, throttle
+    kind: FaultKind
     conn: int | None
     at: float  # loop time
-    source: str  # "command" or "chaos"
+    source: FaultSource
     seconds: float | None = None
     rate: float | None = None
     direction: Direction | None = None
@@ -100,7 +105,7 @@ class Fault:
 class PlannedFault:
     """A chaos decision, before it is applied: comparable with ``==``."""
 
-    kind: str  # cut or stall
+    kind: Literal["cut", "stall"]
     conn: int
     seconds: float | None = None
 
@@ -492,7 +497,7 @@ class FaultProxy:
     def delay(
         self, seconds: float, *, conn: int | None = None, direction: Direction | None = None
     ) -> None:
-        """Deliver each chunk read from now on ``seconds`` after it was read (0: no delay)."""
+        """Deliver each chunk not yet sent ``seconds`` after it was read (0: no delay)."""
         if seconds < 0:
             raise ValueError("delay must be >= 0")
         if conn is None:
@@ -655,9 +660,9 @@ class FaultProxy:
 
     def _record(
         self,
-        kind: str,
+        kind: FaultKind,
         conn: int | None,
-        source: str,
+        source: FaultSource,
         *,
         seconds: float | None = None,
         rate: float | None = None,
