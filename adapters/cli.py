@@ -145,6 +145,23 @@ def cmd_client(args: argparse.Namespace, stdout: TextIO) -> int:
     if args.count is not None and args.count < 1:
         sys.stderr.write("wirestate client: --count must be >= 1\n")
         return 2
+    if args.reconnect:
+        from wirestate.adapters.follow import follow
+
+        try:
+            return asyncio.run(
+                follow(
+                    args.url,
+                    args.topic,
+                    count=args.count,
+                    duration=args.duration,
+                    json_lines=args.json,
+                    out=stdout,
+                    err=sys.stderr,
+                )
+            )
+        except KeyboardInterrupt:
+            return 130
     try:
         return asyncio.run(
             run_client(
@@ -229,6 +246,12 @@ def parser() -> argparse.ArgumentParser:
     cl.add_argument("--count", type=int, help="stop after N events")
     cl.add_argument("--duration", type=float, help="stop after S seconds")
     cl.add_argument("--json", action="store_true", help="one JSON object a line")
+    cl.add_argument(
+        "--reconnect",
+        action="store_true",
+        help="follow the topics across reconnects (backoff, resume from the last seq, gaps"
+        " shown) instead of reporting how one connection ended",
+    )
     cl.set_defaults(func=cmd_client)
 
     schema = sub.add_parser("schema", help="print the JSON Schema of protocol v1")
