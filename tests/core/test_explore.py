@@ -53,6 +53,13 @@ def test_max_states_stops_the_search() -> None:
     assert result.violation is None
 
 
+def test_states_per_second_is_reported_even_for_an_instant_run() -> None:
+    ticks = iter([10.0, 12.0])
+    result = explore(1, 1, clock=lambda: next(ticks))
+    assert result.seconds == 2.0
+    assert result.states_per_second == result.states / 2.0
+
+
 def test_the_whole_space_of_a_tiny_world_is_reported_complete() -> None:
     class Counter:
         def __init__(self, n: int = 0) -> None:
