@@ -81,6 +81,8 @@ class Metrics:
         # collector, so they carry no ``_created`` series and need no label bookkeeping.
         self._breaker_states: dict[str, tuple[str, tuple[str, ...]]] = {}
         self._transitions: Counter[tuple[str, str, str]] = Counter()
+        #: upgrades the server refused before the handshake, by reason (limits, shutdown)
+        self.rejections: Counter[str] = Counter()
         self.registry.register(_Collector(self._families))
         ProcessCollector(registry=self.registry)
         PlatformCollector(registry=self.registry)
@@ -188,6 +190,19 @@ class Metrics:
             "Pong deadlines extended because the event loop itself stalled.",
             value=stats.stall_extensions,
         )
+        yield CounterMetricFamily(
+            "wirestate_messages_rate_limited",
+            "Inbound messages refused by the per-client rate limit ([limits] messages_per_second).",
+            value=stats.rate_limited,
+        )
+        rejected = CounterMetricFamily(
+            "wirestate_connections_rejected",
+            "Upgrades refused before the handshake, by reason.",
+            labels=["reason"],
+        )
+        for reason, count in sorted(self.rejections.items()):
+            rejected.add_metric([reason], count)
+        yield rejected
 
         states = GaugeMetricFamily(
             "wirestate_breaker_state",
@@ -237,5 +252,7 @@ _COUNTERS: Final = (
     "wirestate_event_loop_stalls",
     "wirestate_event_loop_stall_seconds",
     "wirestate_keepalive_stall_extensions",
+    "wirestate_messages_rate_limited",
+    "wirestate_connections_rejected",
     "wirestate_breaker_transitions",
 )

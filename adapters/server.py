@@ -121,6 +121,7 @@ def hub_config(settings: Settings) -> HubConfig:
         history_size=settings.history.size,
         history_max_age=settings.history.max_age,
         max_subscriptions=settings.limits.max_subscriptions,
+        messages_per_second=settings.limits.messages_per_second,
         overflow={topic: t.overflow for topic, t in settings.topics.items()},
         reserved_topics=BUILTIN_TOPICS | {src.topic for src in settings.sources},
     )
@@ -147,6 +148,7 @@ class WirestateServer:
         self.hub: Hub | None = None
         self.metrics = Metrics(self._stats, self._connection_counts)
         self._clients: dict[str, _Client] = {}
+        self._per_ip: dict[str, int] = {}  # open connections per peer address
         self._handlers: set[asyncio.Task[Any]] = set()
         self._sources: list[
             tuple[str, Callable[[], Awaitable[Any]], float, float, BreakerConfig | None]
@@ -330,11 +332,20 @@ class WirestateServer:
     def _process_request(self, ws: ServerConnection, request: Request) -> Response | None:
         if request.path.split("?", 1)[0] != "/ws":
             return ws.respond(404, "no WebSocket endpoint here; connect to /ws\n")
+        limits = self.settings.limits
         if self._closing:
-            return ws.respond(503, "shutting down\n")
-        if len(self._clients) >= self.settings.limits.max_connections:
-            return ws.respond(503, "too many connections\n")
+            return self._refuse(ws, 503, "shutting_down", "shutting down\n")
+        if len(self._clients) >= limits.max_connections:
+            return self._refuse(ws, 503, "max_connections", "too many connections\n")
+        ip = _ip(ws)
+        if self._per_ip.get(ip, 0) >= limits.max_connections_per_ip:
+            return self._refuse(ws, 429, "max_connections_per_ip", "too many connections\n")
         return None
+
+    def _refuse(self, ws: ServerConnection, status: int, reason: str, text: str) -> Response:
+        self.metrics.rejections[reason] += 1
+        log.info("upgrade refused", extra={"reason": reason, "status": status})
+        return ws.respond(status, text)
 
     async def _handle(self, ws: ServerConnection) -> None:
         hub = self._need_hub()
@@ -346,6 +357,8 @@ class WirestateServer:
         hub.accept(conn, self._now())
         client = _Client(ws, conn)
         self._clients[cid] = client
+        ip = _ip(ws)
+        self._per_ip[ip] = self._per_ip.get(ip, 0) + 1
         try:
             hub.start(conn, self._now())
             log.info("connected", extra={"client_id": cid, "peer": _peer(ws)})
@@ -362,6 +375,11 @@ class WirestateServer:
             hub.unregister(conn, self._now())
             self._dispatch()
             del self._clients[cid]
+            left = self._per_ip[ip] - 1
+            if left:
+                self._per_ip[ip] = left
+            else:
+                del self._per_ip[ip]
             self._handlers.discard(task)
 
     async def _reader(self, client: _Client) -> None:
@@ -372,6 +390,9 @@ class WirestateServer:
             while True:
                 message = await ws.recv()
                 now = self._now()
+                if not hub.admit(conn, now):
+                    self._dispatch()
+                    continue
                 if isinstance(message, bytes):
                     hub.bad_input(conn, ErrorCode.INVALID_MESSAGE, BINARY_MESSAGE, now)
                 else:
@@ -677,6 +698,13 @@ class _Publisher:
 
     def __init__(self, server: WirestateServer) -> None:
         self.publish = server.publish_now
+
+
+def _ip(ws: ServerConnection) -> str:
+    try:
+        return str(ws.remote_address[0])
+    except (TypeError, IndexError):
+        return "?"
 
 
 def _peer(ws: ServerConnection) -> str:

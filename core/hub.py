@@ -66,6 +66,10 @@ class HubConfig:
     max_subscriptions: int = 100
     #: consecutive invalid frames answered with ``error`` before a close with ``policy``
     bad_input_limit: int = 5
+    #: inbound messages per second per client (a token bucket holding one second's worth);
+    #: a client still over it after ``rate_limit_grace`` refused messages is closed (policy)
+    messages_per_second: float = 50.0
+    rate_limit_grace: int = 50
     default_overflow: OverflowPolicy = OverflowPolicy.DISCONNECT
     overflow: Mapping[str, OverflowPolicy] = field(default_factory=dict)
     #: may clients publish with the ``publish`` message (auth may narrow this per client)
@@ -78,7 +82,9 @@ class HubConfig:
             value = getattr(self, name)
             if not value > 0:  # also rejects NaN
                 raise ValueError(f"{name} must be > 0, got {value!r}")
-        for name in ("send_queue_size", "max_subscriptions", "bad_input_limit"):
+        if not self.messages_per_second > 0:
+            raise ValueError(f"messages_per_second must be > 0, got {self.messages_per_second!r}")
+        for name in ("send_queue_size", "max_subscriptions", "bad_input_limit", "rate_limit_grace"):
             value = getattr(self, name)
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value!r}")
@@ -131,6 +137,7 @@ class Connection:
         "close_code",
         "close_deadline",
         "closing_at",
+        "limited",
         "next_ping_at",
         "opened_at",
         "outbox",
@@ -139,6 +146,8 @@ class Connection:
         "pong_deadline",
         "rtt",
         "state",
+        "tokens",
+        "tokens_at",
         "topics",
     )
 
@@ -161,6 +170,9 @@ class Connection:
         self.pong_deadline: float | None = None
         self.rtt: float | None = None
         self.bad_inputs = 0
+        self.tokens = -1.0  # the rate limiter's bucket; filled on the first message
+        self.tokens_at = now
+        self.limited = 0  # messages refused since the last one admitted
 
     def __repr__(self) -> str:
         return f"<Connection {self.client_id} {self.state.value}>"
@@ -184,6 +196,7 @@ class Connection:
         n.pong_deadline = self.pong_deadline
         n.rtt = self.rtt
         n.bad_inputs = self.bad_inputs
+        n.tokens, n.tokens_at, n.limited = self.tokens, self.tokens_at, self.limited
         return n
 
 
@@ -200,6 +213,7 @@ class HubStats:
     loop_stall_seconds: float = 0.0
     stall_extensions: int = 0  # pong deadlines pushed back by a stall
     aborts: int = 0
+    rate_limited: int = 0  # inbound messages refused by the token bucket
 
 
 _OPTS: Final = orjson.OPT_NON_STR_KEYS
@@ -391,6 +405,31 @@ class Hub:
         if conn.pong_deadline is not None and conn.ping_sent_at is not None:
             conn.rtt = now - conn.ping_sent_at
             conn.pong_deadline = None
+
+    def admit(self, conn: Connection, now: float) -> bool:
+        """Call for every inbound message before handling it; False means drop it.
+
+        A token bucket of ``messages_per_second``, holding one second's worth. The first
+        message refused after an admitted one is answered with ``rate_limited``; a client
+        that keeps sending while refused (``rate_limit_grace`` messages in a row) is closed
+        with ``policy`` (1008). Costs no timer: the bucket refills from ``now``."""
+        rate = self.config.messages_per_second
+        if conn.tokens < 0:
+            conn.tokens = rate
+        else:
+            conn.tokens = min(rate, conn.tokens + (now - conn.tokens_at) * rate)
+        conn.tokens_at = now
+        if conn.tokens >= 1.0:
+            conn.tokens -= 1.0
+            conn.limited = 0
+            return True
+        conn.limited += 1
+        self.stats.rate_limited += 1
+        if conn.limited >= self.config.rate_limit_grace:
+            self._fire(conn, "close", now, cause=CloseCause.POLICY)
+        elif conn.limited == 1 and conn.accepting:
+            self._error(conn, ErrorCode.RATE_LIMITED, f"at most {rate:g} messages per second", now)
+        return False
 
     def bad_input(self, conn: Connection, code: ErrorCode, message: str, now: float) -> None:
         """The peer sent a frame that is not a valid v1 message. ``message`` must be a fixed

@@ -521,3 +521,61 @@ async def test_a_dropped_tcp_connection_is_a_read_error(hub: WirestateServer) ->
     assert gone["cause"] == "read_error"
     assert gone["code"] == 1006  # abnormal closure: no close frame
     await watcher.close()
+
+
+# -- limits --------------------------------------------------------------------------------
+
+
+async def test_a_flooding_client_is_rate_limited_then_closed_with_1008() -> None:
+    server = WirestateServer(
+        Settings.model_validate({"server": {"port": 0}, "limits": {"messages_per_second": 5}})
+    )
+    async with server:
+        other = await client(server, "t")
+        ws = await client(server)
+        for i in range(8):
+            await ws.send(f'{{"type": "ping", "id": "{i}"}}')
+        error = await next_of(ws, "error")
+        assert error == {
+            "type": "error",
+            "code": "rate_limited",
+            "message": "at most 5 messages per second",
+        }
+        with contextlib.suppress(ConnectionClosed):
+            for i in range(200):  # persists: closed once 50 in a row were refused
+                await ws.send(f'{{"type": "ping", "id": "x{i}"}}')
+        await drain_until_closed(ws)
+        assert (ws.close_code, ws.close_reason) == (1008, "policy")
+        await server.publish("t", 1)
+        assert (await next_of(other, "event"))["seq"] == 1  # others unaffected
+        _, body = await http(server.port, "GET", "/metrics")
+        assert b"wirestate_messages_rate_limited_total" in body
+        await other.close()
+
+
+@pytest.mark.parametrize(
+    ("limits", "status", "reason"),
+    [
+        ({"max_connections": 2}, 503, "max_connections"),
+        ({"max_connections_per_ip": 2}, 429, "max_connections_per_ip"),
+    ],
+)
+async def test_connection_limits_refuse_the_upgrade(
+    limits: dict[str, int], status: int, reason: str
+) -> None:
+    from websockets.exceptions import InvalidStatus
+
+    server = WirestateServer(Settings.model_validate({"server": {"port": 0}, "limits": limits}))
+    async with server:
+        first, second = await client(server), await client(server)
+        with pytest.raises(InvalidStatus) as refused:
+            await connect(server.url, ping_interval=None)
+        assert refused.value.response.status_code == status
+        _, body = await http(server.port, "GET", "/metrics")
+        assert f'wirestate_connections_rejected_total{{reason="{reason}"}} 1.0'.encode() in body
+        await first.close()
+        await second.close()
+        # a slot freed is a slot again
+        await until(lambda: server.hub is not None and len(server.hub.clients) == 0)
+        third = await client(server)
+        await third.close()

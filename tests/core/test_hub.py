@@ -512,6 +512,37 @@ def test_bad_input_is_answered_and_repeated_abuse_closes_with_1008() -> None:
     assert hub.actions() == [Close("c1", 1008, CloseCause.POLICY, "policy")]
 
 
+def test_the_rate_limit_answers_once_then_closes_a_persistent_flood() -> None:
+    hub = Hub(HubConfig(messages_per_second=2.0, rate_limit_grace=3))
+    conn = open_client(hub)
+    assert hub.admit(conn, 0.0)  # the bucket starts full: 2 messages
+    assert hub.admit(conn, 0.0)
+    assert not hub.admit(conn, 0.0)
+    assert frames(hub, conn) == [
+        {"type": "error", "code": "rate_limited", "message": "at most 2 messages per second"}
+    ]
+    assert hub.admit(conn, 0.5)  # half a second refills one token
+    assert not hub.admit(conn, 0.5)
+    assert not hub.admit(conn, 0.5)
+    assert [m["code"] for m in frames(hub, conn)] == ["rate_limited"]  # once per run
+    assert not hub.admit(conn, 0.5)  # the third refusal in a row: a flood
+    assert hub.actions() == [Close("c1", 1008, CloseCause.POLICY, "policy")]
+    assert hub.stats.rate_limited == 4
+    assert not hub.admit(conn, 0.5)  # closing: refused quietly
+    assert frames(hub, conn) == []
+
+
+def test_the_bucket_holds_one_seconds_worth() -> None:
+    hub = Hub(HubConfig(messages_per_second=3.0))
+    conn = open_client(hub)
+    assert all(hub.admit(conn, 0.0) for _ in range(3))
+    assert not hub.admit(conn, 0.0)
+    # an idle minute refills to the cap, not to 180
+    assert sum(hub.admit(conn, 60.0) for _ in range(10)) == 3
+    with pytest.raises(ValueError, match="messages_per_second"):
+        HubConfig(messages_per_second=0)
+
+
 def test_inputs_after_closing_began_queue_nothing() -> None:
     hub = Hub()
     conn = open_client(hub)
