@@ -1,0 +1,566 @@
+"""``wirestate fuzz URL``: a stateful wire fuzzer for a live server, over real sockets.
+
+A Hypothesis ``RuleBasedStateMachine`` (`WireFuzzer`) opens several clients on the given
+``ws://`` URL and interleaves connects, subscribes and unsubscribes (valid and invalid
+topics), publishes, application pings, malformed JSON, unknown types, schema errors,
+oversized frames, binary frames (a text frame of invalid UTF-8 cannot be sent with the
+websockets client), abrupt disconnects and slow readers. Every frame that comes back is
+checked against protocol v1's promises (DESIGN.md):
+
+* ``welcome`` is the first frame, and comes once;
+* every application ``ping`` gets a ``pong`` with the same id while the connection is
+  open, and no ``pong`` answers a ping that was never sent;
+* per topic, ``event`` seqs are consecutive, or a ``gap`` covering the hole comes first;
+  no event on a topic the client never subscribed to;
+* no event on a topic after its ``unsubscribe`` was processed: the protocol has no
+  unsubscribe ack, so each unsubscribe is followed by a ping, and an event of that topic
+  arriving after its pong (and before a new subscribe was sent) is a violation;
+* every ``error`` has a known code; every frame is a JSON object with a known type;
+* every close has a code (1000/1001/1008/1009/1011/1013) and, when the server started
+  it, a reason that is one of DESIGN.md's close causes; a connection is never dropped
+  without a close frame unless the client aborted it or had stopped reading;
+* the server is alive at the end of each test case (a fresh connection gets ``welcome``).
+
+Hypothesis has no async rules (tech-notes section 4.1): each test case owns a private event
+loop, and every rule runs its I/O with ``loop.run_until_complete`` under a timeout, so no
+step hangs. A failure is shrunk to a short script of rule calls, which `run_fuzz` prints.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import itertools
+import json
+from collections.abc import Coroutine
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, TextIO, TypeVar
+from urllib.parse import urlsplit
+
+from hypothesis import HealthCheck, Phase, Verbosity, settings
+from hypothesis import seed as hypothesis_seed
+from hypothesis import strategies as st
+from hypothesis.reporting import with_reporter
+from hypothesis.stateful import (
+    Bundle,
+    RuleBasedStateMachine,
+    consumes,
+    invariant,
+    precondition,
+    rule,
+    run_state_machine_as_test,
+)
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidHandshake
+
+from wirestate.core.causes import CloseCause, ErrorCode
+
+__all__ = [
+    "CLOSE_CODES",
+    "WAIT",
+    "ProtocolViolation",
+    "WireFuzzer",
+    "check_url",
+    "fuzzer_for",
+    "run_fuzz",
+]
+
+T = TypeVar("T")
+
+#: Every network wait is bounded by this many seconds.
+WAIT = 2.0
+#: Close codes the server may send (DESIGN.md, "Close codes").
+CLOSE_CODES = frozenset({1000, 1001, 1008, 1009, 1011, 1013})
+CLOSE_REASONS = frozenset(c.value for c in CloseCause)
+ERROR_CODES = frozenset(c.value for c in ErrorCode)
+SERVER_TYPES = frozenset({"welcome", "subscribed", "event", "gap", "error", "pong"})
+#: Topics the fuzzer plays with: few, so that clients share them.
+TOPICS = ("fz.a", "fz.b", "fz.c")
+BAD_TOPICS = ("", "has space", "star*", "x" * 129, "ünï")
+MAX_PEERS = 4
+#: Frames that are not valid v1 client messages, one per kind of mistake.
+GARBAGE: tuple[str | bytes, ...] = (
+    "{",  # malformed JSON
+    "null",
+    "[1, 2]",
+    '{"type": "nope"}',  # unknown type
+    '{"topics": ["fz.a"]}',  # no type
+    '{"type": "subscribe", "topics": "fz.a"}',  # schema errors
+    '{"type": "subscribe", "topics": []}',
+    '{"type": "ping", "id": 5}',
+    '{"type": "publish", "topic": "fz.a"}',
+    '{"type": "unsubscribe", "topics": ["fz.a"], "extra": 1}',
+    '{"type": "subscribe", "topics": ["fz.a"], "since": {"fz.b": 1}}',
+    b"\xff\xfe\xfd",  # invalid UTF-8: only possible as a binary frame with this client
+    b'{"type": "ping", "id": "bin"}',
+)
+
+
+class ProtocolViolation(AssertionError):
+    """The server broke one of protocol v1's promises."""
+
+
+def check_url(url: str, *, allow_remote: bool = False) -> None:
+    """Refuse anything but a ws:// or wss:// URL on a loopback host (unless told)."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("ws", "wss") or not parts.hostname:
+        raise ValueError(f"not a WebSocket URL: {url!r}")
+    if allow_remote:
+        return
+    host = parts.hostname
+    if host == "localhost":
+        return
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback:
+        raise ValueError(
+            f"refusing to fuzz non-loopback host {host!r} (pass allow_remote=True to insist)"
+        )
+
+
+@dataclass
+class _Peer:
+    """One fuzzing client and what the fuzzer knows about its stream."""
+
+    name: str
+    ws: ClientConnection
+    frames: int = 0
+    welcomed: bool = False
+    #: ping id -> the topics whose unsubscribe it fences (with their subscribe generation)
+    pings: dict[str, dict[str, int]] = field(default_factory=dict)
+    subscribed_ever: set[str] = field(default_factory=set)
+    generation: dict[str, int] = field(default_factory=dict)  # subscribes sent per topic
+    fenced: set[str] = field(default_factory=set)  # unsubscribe proven processed
+    last_seq: dict[str, int] = field(default_factory=dict)
+    aborted: bool = False
+    closing: bool = False  # the client sent a close frame
+    paused_ever: bool = False
+    closed: bool = False
+    reader: asyncio.Task[None] | None = None
+
+
+class WireFuzzer(RuleBasedStateMachine):
+    """Drives the server at `url`; `fuzzer_for` makes a subclass with the parameters set."""
+
+    url: ClassVar[str] = ""
+    max_message_size: ClassVar[int] = 65536
+    #: Names of checks to relax (known server deviations): "close_reason_1009".
+    tolerate: ClassVar[frozenset[str]] = frozenset()
+
+    peers = Bundle("peers")
+
+    def __init__(self) -> None:
+        super().__init__()
+        if not self.url:
+            raise ValueError("use fuzzer_for(url) to make a WireFuzzer for a server")
+        self.loop = asyncio.new_event_loop()
+        self.live: dict[str, _Peer] = {}
+        self.all: list[_Peer] = []
+        self.violations: list[str] = []
+        self.failed = False
+        self._ids = itertools.count()
+
+    # -- plumbing ------------------------------------------------------------------------
+
+    def _run(self, coro: Coroutine[Any, Any, T], timeout: float = WAIT) -> T:
+        async def bounded() -> T:
+            async with asyncio.timeout(timeout):
+                return await coro
+
+        return self.loop.run_until_complete(bounded())
+
+    def _violation(self, peer: _Peer | None, text: str) -> None:
+        where = f"{peer.name}: " if peer is not None else ""
+        self.violations.append(where + text)
+
+    def _fail_if_broken(self) -> None:
+        if self.violations:
+            self.failed = True
+            raise ProtocolViolation("; ".join(self.violations))
+
+    async def _send(self, peer: _Peer, *frames: str | bytes) -> bool:
+        """Send frames; False when the connection is gone (not a violation by itself)."""
+        try:
+            for frame in frames:
+                async with asyncio.timeout(WAIT):
+                    await peer.ws.send(frame)
+        except (ConnectionClosed, TimeoutError):
+            return False
+        return True
+
+    def _send_json(self, peer: _Peer, *messages: dict[str, Any]) -> bool:
+        return self._run(self._send(peer, *(json.dumps(m) for m in messages)), WAIT * 2)
+
+    async def _settle(self, seconds: float = 0.005) -> None:
+        await asyncio.sleep(seconds)
+
+    def _new_ping(self, peer: _Peer, fences: dict[str, int]) -> str:
+        ping_id = f"p{next(self._ids)}"
+        peer.pings[ping_id] = fences
+        return ping_id
+
+    def _await_pong(self, peer: _Peer, ping_id: str) -> None:
+        """Wait (bounded) until the pong came or the connection closed."""
+
+        async def wait() -> None:
+            # A violation ends the wait at once: a wrong pong need not wait out the timeout.
+            while ping_id in peer.pings and not peer.closed and not self.violations:  # noqa: ASYNC110
+                await asyncio.sleep(0.002)
+
+        with contextlib.suppress(TimeoutError):
+            self._run(wait())
+        if ping_id in peer.pings and not peer.closed and not self.violations:
+            self._violation(peer, f"no pong for ping {ping_id!r} within {WAIT}s")
+
+    # -- what comes back -----------------------------------------------------------------
+
+    async def _read(self, peer: _Peer) -> None:
+        try:
+            async for raw in peer.ws:
+                self._frame(peer, raw)
+        except ConnectionClosed:
+            pass
+        finally:
+            peer.closed = True
+            self._closed(peer)
+
+    def _frame(self, peer: _Peer, raw: str | bytes) -> None:
+        peer.frames += 1
+        if isinstance(raw, bytes):
+            self._violation(peer, "the server sent a binary frame")
+            return
+        try:
+            msg = json.loads(raw)
+        except ValueError:
+            self._violation(peer, f"the server sent invalid JSON: {raw[:80]!r}")
+            return
+        kind = msg.get("type") if isinstance(msg, dict) else None
+        if kind not in SERVER_TYPES:
+            self._violation(peer, f"unknown server frame: {raw[:80]!r}")
+            return
+        if peer.frames == 1 and kind != "welcome":
+            self._violation(peer, f"first frame is {kind!r}, not 'welcome'")
+        elif peer.frames > 1 and kind == "welcome":
+            self._violation(peer, "a second 'welcome'")
+        peer.welcomed = True
+        if kind == "pong":
+            fences = peer.pings.pop(str(msg.get("id")), None)
+            if fences is None:
+                self._violation(peer, f"pong with an id no ping had: {msg.get('id')!r}")
+                return
+            for topic, gen in fences.items():
+                if peer.generation.get(topic, 0) == gen:
+                    peer.fenced.add(topic)
+        elif kind == "error":
+            if msg.get("code") not in ERROR_CODES:
+                self._violation(peer, f"error with an unknown code: {msg.get('code')!r}")
+        elif kind == "subscribed":
+            for topic in msg.get("topics", ()):
+                peer.last_seq.pop(topic, None)  # a new subscription may start anywhere
+        elif kind == "event":
+            self._event(peer, msg)
+        elif kind == "gap":
+            self._gap(peer, msg)
+
+    def _event(self, peer: _Peer, msg: dict[str, Any]) -> None:
+        topic, seq = msg.get("topic"), msg.get("seq")
+        if not isinstance(topic, str) or not isinstance(seq, int):
+            self._violation(peer, f"malformed event: {msg!r}")
+            return
+        if topic not in peer.subscribed_ever and topic in TOPICS:
+            self._violation(peer, f"event on {topic!r}, never subscribed")
+        if topic in peer.fenced:
+            self._violation(peer, f"event {topic}#{seq} after its unsubscribe was processed")
+        last = peer.last_seq.get(topic)
+        if last is not None and seq != last + 1:
+            self._violation(peer, f"{topic}: seq {seq} after {last} with no gap")
+        peer.last_seq[topic] = seq
+
+    def _gap(self, peer: _Peer, msg: dict[str, Any]) -> None:
+        topic, lo, hi = msg.get("topic"), msg.get("from_seq"), msg.get("to_seq")
+        if not isinstance(topic, str):
+            self._violation(peer, f"malformed gap: {msg!r}")
+            return
+        if lo is None and hi is None:  # epoch_changed: the old numbering is void
+            peer.last_seq.pop(topic, None)
+            return
+        if not isinstance(lo, int) or not isinstance(hi, int) or lo > hi:
+            self._violation(peer, f"malformed gap range: {msg!r}")
+            return
+        last = peer.last_seq.get(topic)
+        if last is not None and lo > last + 1:
+            self._violation(peer, f"{topic}: gap {lo}..{hi} leaves {last + 1}..{lo - 1} out")
+        peer.last_seq[topic] = max(hi, last or hi)
+
+    def _closed(self, peer: _Peer) -> None:
+        """The connection ended: check its close code and reason."""
+        if peer.aborted:
+            return
+        proto = peer.ws.protocol
+        rcvd, sent = proto.close_rcvd, proto.close_sent
+        if rcvd is None:
+            if not peer.paused_ever:
+                self._violation(peer, "the server dropped the connection without a close frame")
+            return
+        if rcvd.code not in CLOSE_CODES:
+            self._violation(peer, f"close code {rcvd.code} is not one of {sorted(CLOSE_CODES)}")
+        server_started = sent is None or proto.close_rcvd_then_sent
+        tolerated = rcvd.code == 1009 and "close_reason_1009" in self.tolerate
+        by_server = server_started and not peer.closing and not tolerated
+        if by_server and rcvd.reason not in CLOSE_REASONS:
+            self._violation(peer, f"close {rcvd.code} reason {rcvd.reason!r} is not a close cause")
+
+    # -- rules ---------------------------------------------------------------------------
+
+    @precondition(lambda self: len(self.live) < MAX_PEERS)
+    @rule(target=peers)
+    def connect(self) -> str:
+        name = f"c{len(self.all)}"
+
+        async def open_peer() -> _Peer:
+            ws = await connect(
+                self.url,
+                compression=None,
+                ping_interval=None,
+                open_timeout=WAIT,
+                close_timeout=WAIT / 4,
+                max_size=None,
+            )
+            peer = _Peer(name, ws)
+            peer.reader = asyncio.get_running_loop().create_task(self._read(peer))
+            while not peer.welcomed and not peer.closed:  # noqa: ASYNC110
+                await asyncio.sleep(0.002)
+            return peer
+
+        try:
+            peer = self._run(open_peer())
+        except (OSError, TimeoutError, InvalidHandshake) as exc:
+            self._violation(None, f"{name}: could not connect: {type(exc).__name__}")
+            self._fail_if_broken()
+            raise AssertionError("unreachable") from exc
+        self.live[name] = peer
+        self.all.append(peer)
+        return name
+
+    def _peer(self, name: str) -> _Peer | None:
+        peer = self.live.get(name)
+        return None if peer is None or peer.closed else peer
+
+    @rule(name=peers, topics=st.lists(st.sampled_from(TOPICS), min_size=1, max_size=3))
+    def subscribe(self, name: str, topics: list[str]) -> None:
+        peer = self._peer(name)
+        if peer is None:
+            return
+        for topic in topics:
+            peer.generation[topic] = peer.generation.get(topic, 0) + 1
+            peer.fenced.discard(topic)
+            peer.subscribed_ever.add(topic)
+        self._send_json(peer, {"type": "subscribe", "topics": topics})
+
+    @rule(name=peers, topic=st.sampled_from(BAD_TOPICS))
+    def subscribe_invalid(self, name: str, topic: str) -> None:
+        peer = self._peer(name)
+        if peer is not None:
+            self._send_json(peer, {"type": "subscribe", "topics": [topic]})
+
+    @rule(name=peers, topics=st.lists(st.sampled_from(TOPICS), min_size=1, max_size=3))
+    def unsubscribe(self, name: str, topics: list[str]) -> None:
+        """Unsubscribe, then ping: the pong proves the unsubscribe was processed."""
+        peer = self._peer(name)
+        if peer is None:
+            return
+        fences = {t: peer.generation.get(t, 0) for t in topics}
+        ping_id = self._new_ping(peer, fences)
+        if self._send_json(
+            peer,
+            {"type": "unsubscribe", "topics": topics},
+            {"type": "ping", "id": ping_id},
+        ):
+            self._await_pong(peer, ping_id)
+
+    @rule(name=peers, topic=st.sampled_from(TOPICS), n=st.integers(1, 4))
+    def publish(self, name: str, topic: str, n: int) -> None:
+        peer = self._peer(name)
+        if peer is not None:
+            self._send_json(
+                peer, *({"type": "publish", "topic": topic, "data": {"i": i}} for i in range(n))
+            )
+
+    @rule(name=peers, topic=st.sampled_from(("system_status", "clients", "bad topic")))
+    def publish_refused(self, name: str, topic: str) -> None:
+        peer = self._peer(name)
+        if peer is not None:
+            self._send_json(peer, {"type": "publish", "topic": topic, "data": 1})
+
+    @rule(name=peers)
+    def ping(self, name: str) -> None:
+        peer = self._peer(name)
+        if peer is None:
+            return
+        ping_id = self._new_ping(peer, {})
+        if self._send_json(peer, {"type": "ping", "id": ping_id}):
+            self._await_pong(peer, ping_id)
+
+    @rule(name=peers, frame=st.sampled_from(GARBAGE))
+    def garbage(self, name: str, frame: str | bytes) -> None:
+        peer = self._peer(name)
+        if peer is not None:
+            self._run(self._send(peer, frame), WAIT * 2)
+
+    @rule(name=peers, extra=st.sampled_from((1, 1000)))
+    def oversized(self, name: str, extra: int) -> None:
+        peer = self._peer(name)
+        if peer is not None:
+            self._run(self._send(peer, "x" * (self.max_message_size + extra)), WAIT * 2)
+
+    @rule(name=consumes(peers))
+    def abort(self, name: str) -> None:
+        peer = self.live.pop(name, None)
+        if peer is not None and not peer.closed:
+            peer.aborted = True
+            peer.ws.transport.abort()
+            self._run(self._settle(0.01))
+
+    @rule(name=consumes(peers))
+    def close(self, name: str) -> None:
+        peer = self.live.pop(name, None)
+        if peer is not None and not peer.closed:
+            peer.closing = True
+            with contextlib.suppress(TimeoutError):
+                self._run(peer.ws.close(1000))
+
+    @rule(
+        name=peers,
+        seconds=st.sampled_from((0.02, 0.1, 0.3)),
+        burst=st.integers(0, 20),
+        topic=st.sampled_from(TOPICS),
+    )
+    def slow_reader(self, name: str, seconds: float, burst: int, topic: str) -> None:
+        """Stop reading for a while (publishing a burst meanwhile), then read again."""
+        peer = self._peer(name)
+        if peer is None:
+            return
+        peer.paused_ever = True
+        peer.ws.transport.pause_reading()
+        try:
+            self._send_json(
+                peer,
+                *({"type": "publish", "topic": topic, "data": {"b": i}} for i in range(burst)),
+            )
+            self._run(self._settle(seconds))
+        finally:
+            if not peer.ws.transport.is_closing():
+                peer.ws.transport.resume_reading()
+
+    # -- checks --------------------------------------------------------------------------
+
+    @invariant()
+    def promises_held(self) -> None:
+        self._run(self._settle())
+        for name, peer in list(self.live.items()):
+            if peer.closed:
+                del self.live[name]
+        self._fail_if_broken()
+
+    def server_alive(self) -> None:
+        """A fresh connection gets ``welcome`` first."""
+
+        async def probe() -> None:
+            async with connect(
+                self.url, compression=None, ping_interval=None, open_timeout=WAIT
+            ) as ws:
+                first = json.loads(await ws.recv())
+                if not (isinstance(first, dict) and first.get("type") == "welcome"):
+                    self._violation(None, f"the fresh connection's first frame: {first!r}")
+
+        try:
+            self._run(probe(), WAIT * 2)
+        except (OSError, TimeoutError, InvalidHandshake, ConnectionClosed, ValueError) as exc:
+            self._violation(None, f"the server is not alive at the end: {type(exc).__name__}")
+        self._fail_if_broken()
+
+    def teardown(self) -> None:
+        try:
+            if not self.failed:
+                self._run(self._settle())
+                self._fail_if_broken()
+                self.server_alive()
+        finally:
+            self._shutdown()
+
+    def _shutdown(self) -> None:
+        for peer in self.all:
+            if not peer.closed:
+                peer.aborted = True
+                peer.ws.transport.abort()
+        tasks = [p.reader for p in self.all if p.reader is not None]
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            self.loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
+        self.loop.run_until_complete(self.loop.shutdown_asyncgens())
+        self.loop.close()
+
+
+def fuzzer_for(
+    url: str,
+    *,
+    max_message_size: int = 65536,
+    tolerate: frozenset[str] = frozenset(),
+    allow_remote: bool = False,
+) -> type[WireFuzzer]:
+    """A `WireFuzzer` bound to one server, for `run_state_machine_as_test` or ``.TestCase``."""
+    check_url(url, allow_remote=allow_remote)
+    attrs = {"url": url, "max_message_size": max_message_size, "tolerate": tolerate}
+    return type("WireFuzzer", (WireFuzzer,), attrs)
+
+
+def run_fuzz(
+    url: str,
+    *,
+    examples: int,
+    steps: int,
+    seed: int | None,
+    out: TextIO,
+    max_message_size: int = 65536,
+    tolerate: frozenset[str] = frozenset(),
+    allow_remote: bool = False,
+) -> int:
+    """Fuzz the server at ``url``: 0 when every promise held, 1 after printing the shrunk
+    failing script to ``out``. ``seed`` makes the run reproducible (None: random)."""
+    machine = fuzzer_for(
+        url, max_message_size=max_message_size, tolerate=tolerate, allow_remote=allow_remote
+    )
+    if seed is not None:
+        machine = hypothesis_seed(seed)(machine)
+    config = settings(
+        max_examples=examples,
+        stateful_step_count=steps,
+        deadline=None,
+        database=None,
+        derandomize=False,
+        print_blob=False,
+        verbosity=Verbosity.normal,
+        phases=(Phase.generate, Phase.shrink),
+        suppress_health_check=list(HealthCheck),
+    )
+
+    def report(text: object) -> None:
+        out.write(f"{text}\n")
+
+    with with_reporter(report):
+        try:
+            run_state_machine_as_test(machine, settings=config)
+        except Exception as exc:
+            # Hypothesis attaches the shrunk script to the exception as notes.
+            for note in getattr(exc, "__notes__", ()):
+                report(note)
+            out.write(f"FAILED: {type(exc).__name__}: {exc}\n")
+            out.flush()
+            return 1
+    out.write(f"OK: {examples} examples x {steps} steps against {url}, every promise held\n")
+    out.flush()
+    return 0
