@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import ipaddress
 import logging
 import math
 import secrets
@@ -41,6 +42,15 @@ from websockets.exceptions import ConnectionClosed, ConnectionClosedOK
 from websockets.http11 import Request, Response
 from websockets.protocol import State
 
+from wirestate.adapters.auth import (
+    OPEN,
+    Authenticator,
+    AuthError,
+    Grants,
+    origin_allowed,
+    redact,
+    token_from_request,
+)
 from wirestate.adapters.http import (
     HttpApp,
     HttpRequest,
@@ -80,7 +90,18 @@ class _Client:
     """The adapter's side of one connection. Slots and a bare future instead of an
     ``asyncio.Event``: at 10,000 idle connections every object per connection shows."""
 
-    __slots__ = ("close", "conn", "idle", "pending", "ping_due", "waiter", "writer", "ws")
+    __slots__ = (
+        "close",
+        "conn",
+        "expiry",
+        "grants",
+        "idle",
+        "pending",
+        "ping_due",
+        "waiter",
+        "writer",
+        "ws",
+    )
 
     def __init__(self, ws: ServerConnection, conn: Connection) -> None:
         self.ws = ws
@@ -92,6 +113,8 @@ class _Client:
         self.pending = False  # work was signalled and not yet taken
         self.waiter: asyncio.Future[None] | None = None
         self.writer: asyncio.Task[None] | None = None
+        self.grants: Grants = OPEN
+        self.expiry: asyncio.TimerHandle | None = None
 
     def wake(self) -> None:
         self.pending = True
@@ -149,6 +172,11 @@ class WirestateServer:
         self.metrics = Metrics(self._stats, self._connection_counts)
         self._clients: dict[str, _Client] = {}
         self._per_ip: dict[str, int] = {}  # open connections per peer address
+        self.auth = Authenticator.from_settings(self.settings.auth)
+        secret = self.settings.auth.secret if self.settings.auth else None
+        # websockets logs request lines at DEBUG, ?token= included: scrub them at the source.
+        _install_redaction([secret.get_secret_value()] if secret else [])
+        self._grants: dict[Any, Grants] = {}  # upgrade -> its token's grants, until handled
         self._handlers: set[asyncio.Task[Any]] = set()
         self._sources: list[
             tuple[str, Callable[[], Awaitable[Any]], float, float, BreakerConfig | None]
@@ -222,6 +250,12 @@ class WirestateServer:
     # -- start and stop --------------------------------------------------------------------
 
     async def start(self) -> None:
+        host = self.settings.server.host
+        if not self.auth.required and not _loopback(host):
+            raise ValueError(
+                f"refusing to serve {host} without authentication: anyone who reaches it could"
+                " subscribe and publish; configure [auth] or bind 127.0.0.1"
+            )
         loop = asyncio.get_running_loop()
         self._loop = loop
         # The core reads no wall clock: event timestamps are loop time plus this offset.
@@ -252,6 +286,11 @@ class WirestateServer:
             "listening",
             extra={"url": f"ws://{s.host}:{self.port}/ws", "epoch": self.epoch},
         )
+        if not self.auth.required:
+            log.warning(
+                "open mode: no [auth] configured, so every client may subscribe and publish;"
+                " serving loopback only"
+            )
 
     async def stop(self) -> None:
         """Graceful shutdown: refuse new clients, close every client with 1001, wait for
@@ -340,6 +379,18 @@ class WirestateServer:
         ip = _ip(ws)
         if self._per_ip.get(ip, 0) >= limits.max_connections_per_ip:
             return self._refuse(ws, 429, "max_connections_per_ip", "too many connections\n")
+        auth = self.settings.auth
+        if auth is not None and not origin_allowed(
+            request.headers.get("Origin"), auth.allowed_origins
+        ):
+            return self._refuse(ws, 403, "origin", "origin not allowed\n")
+        if self.auth.required:
+            token = token_from_request(request.headers.raw_items(), request.path)
+            try:
+                self._grants[ws] = self.auth.authenticate(token, now=time.time())
+            except AuthError as exc:
+                # The body names the reason only: never the token, never the library's text.
+                return self._refuse(ws, 401, "auth", f"unauthorized: {exc.reason}\n")
         return None
 
     def _refuse(self, ws: ServerConnection, status: int, reason: str, text: str) -> Response:
@@ -357,6 +408,11 @@ class WirestateServer:
         hub.accept(conn, self._now())
         client = _Client(ws, conn)
         self._clients[cid] = client
+        client.grants = self._grants.pop(ws, OPEN)
+        if client.grants.expires_at is not None:
+            # The token's exp on the loop's clock: the close is the core's, cause auth_expired.
+            at = self._now() + max(0.0, client.grants.expires_at - time.time())
+            client.expiry = asyncio.get_running_loop().call_at(at, self._expire, conn)
         ip = _ip(ws)
         self._per_ip[ip] = self._per_ip.get(ip, 0) + 1
         try:
@@ -375,6 +431,8 @@ class WirestateServer:
             hub.unregister(conn, self._now())
             self._dispatch()
             del self._clients[cid]
+            if client.expiry is not None:
+                client.expiry.cancel()
             left = self._per_ip[ip] - 1
             if left:
                 self._per_ip[ip] = left
@@ -404,9 +462,20 @@ class WirestateServer:
             hub.reader_done(conn, self._now(), cause, code)
             self._dispatch()
 
+    def _expire(self, conn: Connection) -> None:
+        self._need_hub().close(conn, CloseCause.AUTH_EXPIRED, self._now())
+        self._dispatch()
+
     def _message(self, conn: Connection, text: str, now: float) -> None:
         hub = self._need_hub()
         msg = wire.parse_client_message(text)
+        grants = self._clients[conn.client_id].grants
+        if isinstance(msg, wire.Subscribe) and not all(map(grants.may_subscribe, msg.topics)):
+            hub.bad_input(conn, ErrorCode.FORBIDDEN, "a topic is outside your token's claims", now)
+            return
+        if isinstance(msg, wire.Publish) and not grants.may_publish(msg.topic):
+            hub.bad_input(conn, ErrorCode.FORBIDDEN, "publishing there is outside your claims", now)
+            return
         match msg:
             case wire.WireError(code=code, message=message):
                 hub.bad_input(conn, ErrorCode(code), message, now)
@@ -647,6 +716,13 @@ class WirestateServer:
         )
 
     async def _http_publish(self, request: HttpRequest) -> HttpResponse:
+        grants = OPEN
+        if self.auth.required:
+            token = token_from_request(request.headers, request.target)
+            try:
+                grants = self.auth.authenticate(token, now=time.time())
+            except AuthError as exc:
+                return _error(401, "unauthorized", f"a valid token is required ({exc.reason})")
         try:
             body = orjson.loads(request.body)
         except orjson.JSONDecodeError:
@@ -662,6 +738,8 @@ class WirestateServer:
         hub = self._need_hub()
         if topic in hub.config.reserved_topics:
             return _error(403, "forbidden", "only the server publishes on this topic")
+        if not grants.may_publish(topic):
+            return _error(403, "forbidden", "publishing there is outside your token's claims")
         return _json(200, {"seq": self.publish_now(topic, body["data"])})
 
     # -- plumbing --------------------------------------------------------------------------
@@ -698,6 +776,37 @@ class _Publisher:
 
     def __init__(self, server: WirestateServer) -> None:
         self.publish = server.publish_now
+
+
+class _Redact(logging.Filter):
+    """Replaces tokens (and the configured secret) in a record's text before any handler
+    sees it."""
+
+    def __init__(self, secrets: list[str]) -> None:
+        super().__init__()
+        self.secrets = secrets
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        clean = redact(text, self.secrets)
+        if clean != text:
+            record.msg, record.args = clean, None
+        return True
+
+
+def _install_redaction(secrets: list[str]) -> None:
+    for name in ("websockets.server", "wirestate.server"):
+        target = logging.getLogger(name)
+        for old in [f for f in target.filters if isinstance(f, _Redact)]:
+            target.removeFilter(old)
+        target.addFilter(_Redact(secrets))
+
+
+def _loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 def _ip(ws: ServerConnection) -> str:
