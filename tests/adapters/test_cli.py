@@ -125,3 +125,37 @@ def test_serve_says_when_the_port_is_taken(capsys: pytest.CaptureFixture[str]) -
         code, _ = run("serve", "--port", str(port))
     assert code == 1
     assert f"cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
+
+
+def test_fuzz_refuses_a_remote_url(capsys: pytest.CaptureFixture[str]) -> None:
+    code, _ = run("fuzz", "ws://192.0.2.1:12080/ws", "--examples", "1")
+    assert code == 2
+    assert "wirestate fuzz:" in capsys.readouterr().err
+
+
+def test_fuzz_against_a_running_server() -> None:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    exe = Path(sys.executable).with_name("wirestate")
+    server = subprocess.Popen([str(exe), "serve", "--port", str(port)], stderr=subprocess.PIPE)
+    try:
+        import time
+
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                break
+            except OSError:
+                time.sleep(0.05)
+        code, out = run(
+            "fuzz", f"ws://127.0.0.1:{port}/ws", "--examples", "5", "--steps", "10", "--seed", "1"
+        )
+        assert code == 0, out
+        assert "every promise held" in out
+    finally:
+        server.terminate()
+        server.wait(10)

@@ -47,9 +47,8 @@ async def fuzz(url: str, *, examples: int, steps: int, **kwargs: object) -> tupl
 
 
 async def test_every_promise_holds_against_the_real_server() -> None:
-    # close_reason_1009 is tolerated: see test_oversized_frame_closes_with_the_cause.
     async with real_server() as server:
-        rc, out = await fuzz(server.url, examples=15, steps=15, tolerate=TOLERATE)
+        rc, out = await fuzz(server.url, examples=15, steps=15)
         assert rc == 0, out
         assert "every promise held" in out
         # ... and the server is still serving afterwards.
@@ -57,12 +56,9 @@ async def test_every_promise_holds_against_the_real_server() -> None:
             assert json.loads(await ws.recv())["type"] == "welcome"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="found by the fuzzer: websockets closes an oversized frame with its own reason "
-    "('frame with N bytes exceeds limit of M bytes'), not the close cause message_too_big",
-)
 async def test_oversized_frame_closes_with_the_cause() -> None:
+    """Regression, found by the fuzzer: websockets used to close an oversized frame with its
+    own reason ('frame with N bytes exceeds limit of M bytes'), not the cause."""
     async with (
         real_server() as server,
         connect(server.url, compression=None, ping_interval=None) as ws,
