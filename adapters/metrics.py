@@ -195,6 +195,14 @@ class Metrics:
             "Inbound messages refused by the per-client rate limit ([limits] messages_per_second).",
             value=stats.rate_limited,
         )
+        errors = CounterMetricFamily(
+            "wirestate_errors_sent",
+            "error messages sent to clients, by code (limits, bad input, forbidden topics).",
+            labels=["code"],
+        )
+        for code, count in sorted(stats.errors.items()):
+            errors.add_metric([code], count)
+        yield errors
         rejected = CounterMetricFamily(
             "wirestate_connections_rejected",
             "Upgrades refused before the handshake, by reason.",
@@ -253,6 +261,7 @@ _COUNTERS: Final = (
     "wirestate_event_loop_stall_seconds",
     "wirestate_keepalive_stall_extensions",
     "wirestate_messages_rate_limited",
+    "wirestate_errors_sent",
     "wirestate_connections_rejected",
     "wirestate_breaker_transitions",
 )

@@ -74,6 +74,8 @@ from wirestate.models import wire
 from wirestate.models.settings import Settings, SourceSettings
 
 log = logging.getLogger("wirestate.server")
+#: Grants of a connection that has not authenticated yet: nothing allowed.
+NOTHING = Grants(sub="", expires_at=None)
 _TOPIC: TypeAdapter[str] = TypeAdapter(wire.Topic)
 
 #: Encoded frames kept for reuse: the events of one burst (an event's recipients all drain
@@ -94,6 +96,7 @@ class _Client:
     ``asyncio.Event``: at 10,000 idle connections every object per connection shows."""
 
     __slots__ = (
+        "authenticating",
         "close",
         "conn",
         "expiry",
@@ -117,7 +120,8 @@ class _Client:
         self.waiter: asyncio.Future[None] | None = None
         self.writer: asyncio.Task[None] | None = None
         self.grants: Grants = OPEN
-        self.expiry: asyncio.TimerHandle | None = None
+        self.authenticating = False  # [auth] first_message: waiting for the auth message
+        self.expiry: asyncio.TimerHandle | None = None  # token expiry, or the auth deadline
 
     def wake(self) -> None:
         self.pending = True
@@ -398,6 +402,8 @@ class WirestateServer:
             return self._refuse(ws, 403, "origin", "origin not allowed\n")
         if self.auth.required:
             token = token_from_request(request.headers.raw_items(), request.path)
+            if token is None and auth is not None and auth.first_message:
+                return None  # the token comes in the first message, within a deadline
             try:
                 self._grants[ws] = self.auth.authenticate(token, now=time.time())
             except AuthError as exc:
@@ -420,11 +426,16 @@ class WirestateServer:
         hub.accept(conn, self._now())
         client = _Client(ws, conn)
         self._clients[cid] = client
-        client.grants = self._grants.pop(ws, OPEN)
-        if client.grants.expires_at is not None:
-            # The token's exp on the loop's clock: the close is the core's, cause auth_expired.
-            at = self._now() + max(0.0, client.grants.expires_at - time.time())
-            client.expiry = asyncio.get_running_loop().call_at(at, self._expire, conn)
+        grants = self._grants.pop(ws, None)
+        if grants is not None or not self.auth.required:
+            self._grant(client, grants or OPEN)
+        else:  # [auth] first_message: nothing is allowed until a valid auth message
+            client.grants, client.authenticating = NOTHING, True
+            assert self.settings.auth is not None
+            deadline = self._now() + self.settings.auth.first_message_timeout
+            client.expiry = asyncio.get_running_loop().call_at(
+                deadline, self._expire, conn, CloseCause.POLICY
+            )
         ip = _ip(ws)
         self._per_ip[ip] = self._per_ip.get(ip, 0) + 1
         try:
@@ -474,14 +485,42 @@ class WirestateServer:
             hub.reader_done(conn, self._now(), cause, code)
             self._dispatch()
 
-    def _expire(self, conn: Connection) -> None:
-        self._need_hub().close(conn, CloseCause.AUTH_EXPIRED, self._now())
+    def _grant(self, client: _Client, grants: Grants) -> None:
+        client.grants, client.authenticating = grants, False
+        if client.expiry is not None:
+            client.expiry.cancel()
+            client.expiry = None
+        if grants.expires_at is not None:
+            # The token's exp on the loop's clock: the close is the core's, cause auth_expired.
+            at = self._now() + max(0.0, grants.expires_at - time.time())
+            client.expiry = asyncio.get_running_loop().call_at(at, self._expire, client.conn)
+
+    def _expire(self, conn: Connection, cause: CloseCause = CloseCause.AUTH_EXPIRED) -> None:
+        self._need_hub().close(conn, cause, self._now())
         self._dispatch()
+
+    def _authenticate(self, client: _Client, msg: wire.ClientMessage, now: float) -> None:
+        """The first message of an ``[auth] first_message`` connection must be ``auth``
+        with a valid token; anything else, or a bad token, closes with ``policy`` (1008)."""
+        hub = self._need_hub()
+        if not isinstance(msg, wire.Auth):
+            hub.close(client.conn, CloseCause.POLICY, now)
+            return
+        try:
+            grants = self.auth.authenticate(msg.token, now=time.time())
+        except AuthError:
+            hub.close(client.conn, CloseCause.POLICY, now)
+            return
+        self._grant(client, grants)
 
     def _message(self, conn: Connection, text: str, now: float) -> None:
         hub = self._need_hub()
         msg = wire.parse_client_message(text)
-        grants = self._clients[conn.client_id].grants
+        client = self._clients[conn.client_id]
+        if client.authenticating and not isinstance(msg, wire.WireError):
+            self._authenticate(client, msg, now)
+            return
+        grants = client.grants
         if isinstance(msg, wire.Subscribe) and not all(map(grants.may_subscribe, msg.topics)):
             hub.bad_input(conn, ErrorCode.FORBIDDEN, "a topic is outside your token's claims", now)
             return
@@ -502,10 +541,8 @@ class WirestateServer:
                 hub.app_ping(conn, ping_id, now)
             case wire.Publish(topic=topic, data=data):
                 hub.client_publish(conn, topic, data, now)
-            case _:  # auth: only with [auth] first_message, which is not enabled
-                hub.bad_input(
-                    conn, ErrorCode.FORBIDDEN, "first-message auth is not enabled here", now
-                )
+            case _:  # auth outside the first message of an [auth] first_message connection
+                hub.bad_input(conn, ErrorCode.FORBIDDEN, "auth is accepted only first", now)
 
     async def _writer(self, client: _Client) -> None:
         hub, conn, ws = self._need_hub(), client.conn, client.ws

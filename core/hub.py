@@ -214,6 +214,7 @@ class HubStats:
     stall_extensions: int = 0  # pong deadlines pushed back by a stall
     aborts: int = 0
     rate_limited: int = 0  # inbound messages refused by the token bucket
+    errors: Counter[str] = field(default_factory=Counter)  # `error` messages sent, by code
 
 
 _OPTS: Final = orjson.OPT_NON_STR_KEYS
@@ -736,6 +737,7 @@ class Hub:
         )
 
     def _error(self, conn: Connection, code: ErrorCode, message: str, now: float) -> None:
+        self.stats.errors[code.value] += 1
         self._queue_control(conn, {"type": "error", "code": code.value, "message": message}, now)
 
     def _queue_control(self, conn: Connection, msg: dict[str, Any], now: float) -> None:

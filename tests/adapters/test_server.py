@@ -550,6 +550,7 @@ async def test_a_flooding_client_is_rate_limited_then_closed_with_1008() -> None
         assert (await next_of(other, "event"))["seq"] == 1  # others unaffected
         _, body = await http(server.port, "GET", "/metrics")
         assert b"wirestate_messages_rate_limited_total" in body
+        assert b'wirestate_errors_sent_total{code="rate_limited"} 1.0' in body
         await other.close()
 
 

@@ -168,3 +168,53 @@ async def test_open_mode_refuses_a_non_loopback_address() -> None:
     server = WirestateServer(Settings.model_validate({"server": {"host": "0.0.0.0", "port": 0}}))
     with pytest.raises(ValueError, match=r"configure \[auth\] or bind 127.0.0.1"):
         await server.start()
+
+
+@pytest.fixture
+async def first_message_server() -> AsyncIterator[WirestateServer]:
+    settings = Settings.model_validate(
+        {
+            "server": {"port": 0},
+            "auth": {"secret": SECRET, "first_message": True, "first_message_timeout": 0.3},
+        }
+    )
+    async with WirestateServer(settings) as srv:
+        yield srv
+
+
+async def closed_with(ws: ClientConnection) -> tuple[int | None, str | None]:
+    with contextlib.suppress(ConnectionClosed):
+        async with asyncio.timeout(WAIT):
+            while True:
+                await ws.recv()
+    return ws.close_code, ws.close_reason
+
+
+async def test_first_message_auth_grants_the_tokens_claims(
+    first_message_server: WirestateServer,
+) -> None:
+    ws = await connect(first_message_server.url, ping_interval=None)
+    assert (await recv(ws))["type"] == "welcome"
+    await ws.send(orjson.dumps({"type": "auth", "token": token()}).decode())
+    await ws.send('{"type": "subscribe", "topics": ["orders.eu"]}')
+    assert (await recv(ws))["type"] == "subscribed"
+    await ws.send('{"type": "subscribe", "topics": ["payroll"]}')
+    assert (await recv(ws))["code"] == "forbidden"
+    await ws.send(orjson.dumps({"type": "auth", "token": token()}).decode())
+    assert (await recv(ws))["code"] == "forbidden"  # only as the first message
+    await ws.close()
+
+
+@pytest.mark.parametrize(
+    "first",
+    [None, '{"type": "subscribe", "topics": ["orders.eu"]}', '{"type": "auth", "token": "x.y.z"}'],
+    ids=["nothing-within-the-deadline", "another-message-first", "a-bad-token"],
+)
+async def test_first_message_auth_closes_with_1008_otherwise(
+    first_message_server: WirestateServer, first: str | None
+) -> None:
+    ws = await connect(first_message_server.url, ping_interval=None)
+    assert (await recv(ws))["type"] == "welcome"
+    if first is not None:
+        await ws.send(first)
+    assert await closed_with(ws) == (1008, "policy")

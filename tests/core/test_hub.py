@@ -441,6 +441,7 @@ def test_too_many_topics_is_refused_whole() -> None:
         "message": "at most 2 topics per client",
     }
     assert conn.topics == {"a"}
+    assert hub.stats.errors == {"too_many_topics": 1}
 
 
 def test_oldest_queued_at_is_the_publish_time_of_the_first_queued_event() -> None:
