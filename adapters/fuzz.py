@@ -149,6 +149,8 @@ class WireFuzzer(RuleBasedStateMachine):
     max_message_size: ClassVar[int] = 65536
     #: Names of checks to relax (known server deviations): "close_reason_1009".
     tolerate: ClassVar[frozenset[str]] = frozenset()
+    #: frames sent over every test case of a run (`fuzzer_for` gives each run its own)
+    tally: ClassVar[dict[str, int]] = {"frames": 0}
 
     peers = Bundle("peers")
 
@@ -187,6 +189,7 @@ class WireFuzzer(RuleBasedStateMachine):
             for frame in frames:
                 async with asyncio.timeout(WAIT):
                     await peer.ws.send(frame)
+                self.tally["frames"] += 1
         except (ConnectionClosed, TimeoutError):
             return False
         return True
@@ -514,7 +517,12 @@ def fuzzer_for(
 ) -> type[WireFuzzer]:
     """A `WireFuzzer` bound to one server, for `run_state_machine_as_test` or ``.TestCase``."""
     check_url(url, allow_remote=allow_remote)
-    attrs = {"url": url, "max_message_size": max_message_size, "tolerate": tolerate}
+    attrs = {
+        "url": url,
+        "max_message_size": max_message_size,
+        "tolerate": tolerate,
+        "tally": {"frames": 0},
+    }
     return type("WireFuzzer", (WireFuzzer,), attrs)
 
 
@@ -561,6 +569,10 @@ def run_fuzz(
             out.write(f"FAILED: {type(exc).__name__}: {exc}\n")
             out.flush()
             return 1
-    out.write(f"OK: {examples} examples x {steps} steps against {url}, every promise held\n")
+    frames = machine.tally["frames"]
+    out.write(
+        f"OK: {examples} examples x {steps} steps against {url}, {frames} frames sent,"
+        " every promise held\n"
+    )
     out.flush()
     return 0
