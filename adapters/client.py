@@ -37,7 +37,6 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, TextIO
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from pydantic import ValidationError
 from websockets.asyncio.client import ClientConnection, connect
@@ -49,6 +48,7 @@ from websockets.exceptions import (
 )
 from websockets.uri import parse_uri
 
+from wirestate.adapters.auth import safe_url
 from wirestate.core.causes import CloseCause, CloseCode, ErrorCode
 from wirestate.models.wire import (
     ErrorMessage,
@@ -121,16 +121,7 @@ def parse_close(code: int | None, reason: str | None) -> tuple[int, str]:
     return code, _CAUSE_OF_CODE.get(code, CloseCause.PEER_CLOSE).value
 
 
-def _safe_url(url: str) -> str:
-    # The upgrade may carry ?token=…: never print it.
-    parts = urlsplit(url)
-    if not parts.query:
-        return url
-    query = [
-        (key, "***" if key.lower() == "token" else value)
-        for key, value in parse_qsl(parts.query, keep_blank_values=True)
-    ]
-    return urlunsplit(parts._replace(query=urlencode(query, safe="*")))
+_safe_url = safe_url  # one implementation, in wirestate.adapters.auth
 
 
 def _check_arguments(

@@ -16,6 +16,7 @@ from typing import Any, TextIO
 
 import orjson
 
+from wirestate.adapters.auth import safe_url
 from wirestate.adapters.subscriber import (
     Backoff,
     ConnectionLost,
@@ -63,7 +64,7 @@ async def follow(
         return 1
     reconnects = max(sub.connections - 1, 0) if sub is not None else 0
     summary: dict[str, Any] = {
-        "url": url,
+        "url": safe_url(url),
         "duration": round(time.monotonic() - started, 3),
         "events": events,
         "gaps": gaps,
@@ -73,7 +74,8 @@ async def follow(
         out.write(orjson.dumps({"summary": summary}).decode() + "\n")
     else:
         out.write(
-            f"--- {url} followed for {summary['duration']} s: {events} events, {gaps} gaps,"
+            f"--- {summary['url']} followed for {summary['duration']} s: {events} events,"
+            f" {gaps} gaps,"
             f" {reconnects} reconnects ---\n"
         )
     return 0

@@ -63,7 +63,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Self, TypeAlias
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from pydantic import JsonValue
 from websockets.asyncio.client import ClientConnection
@@ -71,6 +70,7 @@ from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 from websockets.uri import parse_uri
 
+from wirestate.adapters.auth import safe_url
 from wirestate.core.causes import CloseCode, ErrorCode, GapReason
 from wirestate.models import wire
 
@@ -184,16 +184,7 @@ class _ProtocolError(Exception):
     """The server sent something protocol v1 does not allow; the connection is dropped."""
 
 
-def _safe_url(url: str) -> str:
-    # The upgrade may carry ?token=…: never put it in a log or an exception.
-    parts = urlsplit(url)
-    if not parts.query:
-        return url
-    query = [
-        (key, "***" if key.lower() == "token" else value)
-        for key, value in parse_qsl(parts.query, keep_blank_values=True)
-    ]
-    return urlunsplit(parts._replace(query=urlencode(query, safe="*")))
+_safe_url = safe_url  # one implementation, in wirestate.adapters.auth
 
 
 def _cause(exc: BaseException) -> str:

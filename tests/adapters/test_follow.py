@@ -128,3 +128,11 @@ async def test_follow_prints_a_gap_for_what_history_lost() -> None:
         assert "!! GAP t: events #2..#3 will not be delivered (history_evicted)" in text
         assert "t #4 " in text
         assert "2 events, 1 gaps" in text
+
+
+async def test_follow_never_prints_a_token(server: WirestateServer) -> None:
+    out, err = io.StringIO(), io.StringIO()
+    code = await follow(server.url + "?token=abc.def.ghi", ["t"], duration=0.2, out=out, err=err)
+    assert code == 0
+    assert "abc.def.ghi" not in out.getvalue()
+    assert "token=***" in out.getvalue()
