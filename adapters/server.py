@@ -259,17 +259,14 @@ class WirestateServer:
     # -- start and stop --------------------------------------------------------------------
 
     async def start(self) -> None:
+        """Start the hub (``start_core``) and listen on the configured host and port."""
         host = self.settings.server.host
         if not self.auth.required and not _loopback(host):
             raise ValueError(
                 f"refusing to serve {host} without authentication: anyone who reaches it could"
                 " subscribe and publish; configure [auth] or bind 127.0.0.1"
             )
-        loop = asyncio.get_running_loop()
-        self._loop = loop
-        # The core reads no wall clock: event timestamps are loop time plus this offset.
-        wall_offset = time.time() - loop.time()
-        self.hub = Hub(hub_config(self.settings), epoch=self.epoch, wall_offset=wall_offset)
+        await self.start_core()
         s = self.settings.server
         tls: ssl.SSLContext | None = None
         if s.certfile is not None and s.keyfile is not None:
@@ -296,8 +293,6 @@ class WirestateServer:
             server_header="wirestate",
             ssl=tls,
         )
-        self._ticker_task = loop.create_task(self._ticker(), name="wirestate-ticker")
-        await self._start_sources(wall_offset)
         log.info(
             "listening",
             extra={"url": self.url, "epoch": self.epoch},
@@ -308,10 +303,21 @@ class WirestateServer:
                 " serving loopback only"
             )
 
+    async def start_core(self) -> None:
+        """Everything but the listener: the hub, its ticker and the sources. ``start`` calls
+        it; an embedding transport (``wirestate.adapters.asgi``) calls it alone."""
+        loop = asyncio.get_running_loop()
+        self._loop = loop
+        # The core reads no wall clock: event timestamps are loop time plus this offset.
+        wall_offset = time.time() - loop.time()
+        self.hub = Hub(hub_config(self.settings), epoch=self.epoch, wall_offset=wall_offset)
+        self._ticker_task = loop.create_task(self._ticker(), name="wirestate-ticker")
+        await self._start_sources(wall_offset)
+
     async def stop(self) -> None:
         """Graceful shutdown: refuse new clients, close every client with 1001, wait for
         their flush and unregistration (aborting stragglers after the close timeout)."""
-        if self._closing or self.hub is None or self._ws is None:
+        if self._closing or self.hub is None:
             return
         self._closing = True
         hub = self.hub
@@ -323,8 +329,9 @@ class WirestateServer:
         if pending:
             # The core aborts clients still running after close_timeout; allow it to act.
             await asyncio.wait(pending, timeout=self.settings.server.close_timeout * 2 + 1)
-        self._ws.close(close_connections=False)
-        await self._ws.wait_closed()
+        if self._ws is not None:
+            self._ws.close(close_connections=False)
+            await self._ws.wait_closed()
         tasks = [*self._source_tasks, *([self._ticker_task] if self._ticker_task else [])]
         for task in tasks:
             task.cancel()
