@@ -54,6 +54,7 @@ from wirestate.adapters.auth import (
     redact,
     token_from_request,
 )
+from wirestate.adapters.bus import BusUnavailable, MemoryBus, RedisBus
 from wirestate.adapters.http import (
     HttpApp,
     HttpRequest,
@@ -64,7 +65,12 @@ from wirestate.adapters.http import (
     json_response,
 )
 from wirestate.adapters.metrics import Metrics
-from wirestate.adapters.sources import SourcePoller, poller_from_settings
+from wirestate.adapters.sources import (
+    BREAKER_TOPIC,
+    SourcePoller,
+    breaker_event,
+    poller_from_settings,
+)
 from wirestate.core.actions import Abort, Close, Ping, Reject, Unregistered
 from wirestate.core.breaker import BreakerConfig, BreakerState, StateChanged
 from wirestate.core.causes import CloseCause, ErrorCode
@@ -139,6 +145,14 @@ class _Client:
                 self.waiter = None
         self.pending = False
 
+    def abort(self) -> None:
+        """The core's ``Abort``: end the reader (its socket is gone) and cancel the writer,
+        which may be stuck in a drain that no longer completes. Each pump still reports its
+        end. An embedding transport's client (``wirestate.adapters.asgi``) overrides it."""
+        self.ws.transport.abort()
+        if self.writer is not None:
+            self.writer.cancel()
+
 
 def hub_config(settings: Settings) -> HubConfig:
     """The core's knobs from the validated settings."""
@@ -198,6 +212,8 @@ class WirestateServer:
         self._closing = False
         self._closed = asyncio.Event()
         self._http_client: Any = None
+        #: how events reach other nodes (issue 6): a MemoryBus or a RedisBus, set at start
+        self.bus: MemoryBus | RedisBus = MemoryBus(self)
         #: id(payload) -> (payload, its wire frame); the payload is kept so the id stays valid
         self._frames: dict[int, tuple[bytes, bytes]] = {}
 
@@ -221,13 +237,22 @@ class WirestateServer:
     async def publish(
         self, topic: str, data: Any, *, stale: bool = False, age: float | None = None
     ) -> int:
-        """Publish an event; returns its seq. Never waits for a subscriber."""
+        """Publish an event; returns its seq. Never waits for a subscriber. With a Redis
+        bus, a topic the bus carries is numbered by Redis (this waits for its answer) and
+        reaches the subscribers of every node; while the link is down the seq is this
+        node's, the event reaches this node's subscribers, and the bus on recovery."""
+        if self.bus.carries(topic):
+            self._need_hub()
+            return await self.bus.publish(topic, data)
         return self.publish_now(topic, data, stale=stale, age=age)
 
     def publish_now(
         self, topic: str, data: Any, *, stale: bool = False, age: float | None = None
     ) -> int:
-        """Synchronous publish, for code already on the server's event loop (sources)."""
+        """Synchronous publish on this node only, for code already on the server's event
+        loop (sources, node-local topics). A topic a Redis bus carries needs ``publish``."""
+        if self.bus.carries(topic):
+            raise ValueError(f"{topic!r} is carried by the bus: use `await publish()`")
         hub = self._need_hub()
         seq = hub.publish(topic, data, self._now(), stale=stale, age=age)
         self._dispatch()
@@ -312,6 +337,20 @@ class WirestateServer:
         wall_offset = time.time() - loop.time()
         self.hub = Hub(hub_config(self.settings), epoch=self.epoch, wall_offset=wall_offset)
         self._ticker_task = loop.create_task(self._ticker(), name="wirestate-ticker")
+        if self.settings.bus.kind == "redis":
+            bus = self.settings.bus
+            self.bus = RedisBus(
+                self,
+                bus.url,
+                local_topics=self.hub.config.reserved_topics,
+                breaker=BreakerConfig(
+                    failure_threshold=bus.breaker.failure_threshold,
+                    reset_timeout=bus.breaker.reset_timeout,
+                ),
+                on_transition=self._bus_transition,
+                node=self.epoch,
+            )
+        await self.bus.start()
         await self._start_sources(wall_offset)
 
     async def stop(self) -> None:
@@ -336,6 +375,7 @@ class WirestateServer:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        await self.bus.stop()
         if self._http_client is not None:
             await self._http_client.aclose()
         self._closed.set()
@@ -380,6 +420,13 @@ class WirestateServer:
         for poller in self._pollers:
             name = f"wirestate-source-{poller.topic}"
             self._source_tasks.append(loop.create_task(poller.run(), name=name))
+
+    def _bus_transition(self, change: StateChanged) -> None:
+        """The bus link's breaker: metrics, and an event on ``circuit_breaker`` like any
+        source's breaker."""
+        self._breaker_transition(change)
+        if self.hub is not None:
+            self.publish_now(BREAKER_TOPIC, breaker_event(change, self.hub.wall_offset))
 
     def _breaker_transition(self, change: StateChanged) -> None:
         self.metrics.breaker_transition(
@@ -484,7 +531,9 @@ class WirestateServer:
                 if isinstance(message, bytes):
                     hub.bad_input(conn, ErrorCode.INVALID_MESSAGE, BINARY_MESSAGE, now)
                 else:
-                    self._message(conn, message, now)
+                    attaching = self._message(conn, message, now)
+                    if attaching is not None:
+                        await attaching
                 self._dispatch()
         except ConnectionClosed as exc:
             cause, code = _read_end(exc)
@@ -520,7 +569,10 @@ class WirestateServer:
             return
         self._grant(client, grants)
 
-    def _message(self, conn: Connection, text: str, now: float) -> None:
+    def _message(self, conn: Connection, text: str, now: float) -> Awaitable[None] | None:
+        """Hand one text frame to the core. Returns an awaitable when the message must wait
+        for the bus (a subscription to topics not yet read here): the reader awaits it, so
+        the client's later messages still follow this one."""
         hub = self._need_hub()
         msg = wire.parse_client_message(text)
         client = self._clients[conn.client_id]
@@ -541,15 +593,30 @@ class WirestateServer:
                 cursor: dict[str, int | tuple[int, str | None]] = {}
                 for topic, value in (since or {}).items():
                     cursor[topic] = value if isinstance(value, int) else (value.seq, value.epoch)
+                if self.bus.ready and any(map(self.bus.carries, topics)):
+                    return self._subscribe_attached(conn, topics, cursor)
                 hub.subscribe(conn, topics, now, since=cursor)
             case wire.Unsubscribe(topics=topics):
                 hub.unsubscribe(conn, topics, now)
             case wire.Ping(id=ping_id):
                 hub.app_ping(conn, ping_id, now)
             case wire.Publish(topic=topic, data=data):
-                hub.client_publish(conn, topic, data, now)
+                if not self.bus.carries(topic):
+                    hub.client_publish(conn, topic, data, now)
+                elif hub.may_publish(conn, topic, now):
+                    self.bus.submit(topic, data)
             case _:  # auth outside the first message of an [auth] first_message connection
                 hub.bad_input(conn, ErrorCode.FORBIDDEN, "auth is accepted only first", now)
+        return None
+
+    async def _subscribe_attached(
+        self, conn: Connection, topics: list[str], since: dict[str, int | tuple[int, str | None]]
+    ) -> None:
+        """Subscribe once the bus has read the topics' state (epoch, seq, history)."""
+        await self.bus.attach(topics)
+        self._need_hub().subscribe(conn, topics, self._now(), since=since)
+        self._dispatch()
+        await self.bus.wake()
 
     async def _writer(self, client: _Client) -> None:
         hub, conn, ws = self._need_hub(), client.conn, client.ws
@@ -676,11 +743,7 @@ class WirestateServer:
                         "aborting a stuck connection", extra={"client_id": action.client_id}
                     )
                     if client is not None:
-                        # Ends the reader (its socket is gone); the writer may be stuck
-                        # in a drain that no longer completes: cancel it.
-                        client.ws.transport.abort()
-                        if client.writer is not None:
-                            client.writer.cancel()
+                        client.abort()
                 case Unregistered():
                     log.info(
                         "disconnected",
@@ -762,7 +825,12 @@ class WirestateServer:
     async def _readyz(self, request: HttpRequest) -> HttpResponse:
         if self._closing or self.hub is None:
             return _json(503, {"status": "shutting_down"})
-        return _json(200, {"status": "ready", "clients": len(self.hub.clients)})
+        if not self.bus.ready:
+            # Clients stay served locally, but a load balancer should send new ones elsewhere.
+            return _json(503, {"status": "bus_down", "bus": self.bus.status()})
+        return _json(
+            200, {"status": "ready", "clients": len(self.hub.clients), "bus": self.bus.status()}
+        )
 
     async def _metrics(self, request: HttpRequest) -> HttpResponse:
         return HttpResponse(
@@ -796,7 +864,11 @@ class WirestateServer:
             return _error(403, "forbidden", "only the server publishes on this topic")
         if not grants.may_publish(topic):
             return _error(403, "forbidden", "publishing there is outside your token's claims")
-        return _json(200, {"seq": self.publish_now(topic, body["data"])})
+        try:
+            seq = await self.publish(topic, body["data"])
+        except BusUnavailable:
+            return _error(503, "unavailable", "the node is stopping; publish on another node")
+        return _json(200, {"seq": seq})
 
     # -- plumbing --------------------------------------------------------------------------
 

@@ -215,6 +215,8 @@ class HubStats:
     aborts: int = 0
     rate_limited: int = 0  # inbound messages refused by the token bucket
     errors: Counter[str] = field(default_factory=Counter)  # `error` messages sent, by code
+    duplicates: int = 0  # bus events at or below a topic's seq, ignored (``deliver``)
+    epoch_changes: int = 0  # topics whose live subscribers were moved to another epoch
 
 
 _OPTS: Final = orjson.OPT_NON_STR_KEYS
@@ -517,13 +519,21 @@ class Hub:
 
     def client_publish(self, conn: Connection, topic: str, data: Any, now: float) -> int | None:
         """A client's ``publish`` message; returns the seq, or None when refused."""
-        if not conn.accepting:
+        if not self.may_publish(conn, topic, now):
             return None
+        return self.publish(topic, data, now)
+
+    def may_publish(self, conn: Connection, topic: str, now: float) -> bool:
+        """Whether a client's ``publish`` on ``topic`` is accepted (an ``error`` is queued
+        when it is refused). ``client_publish`` is this plus ``publish``; an adapter whose
+        bus sequences the topic calls this, then publishes on the bus."""
+        if not conn.accepting:
+            return False
         conn.bad_inputs = 0
         if not self.config.client_publish or topic in self.config.reserved_topics:
             self._error(conn, ErrorCode.FORBIDDEN, "publishing to this topic is not allowed", now)
-            return None
-        return self.publish(topic, data, now)
+            return False
+        return True
 
     # -- publishing ----------------------------------------------------------------------
 
@@ -553,6 +563,71 @@ class Hub:
             f'{{"type":"event","topic":{_dumps(topic_name).decode()},"seq":{seq},'
             f'"ts":"{self._stamp(now + self.wall_offset)}","data":{body}{stale_part}}}'
         ).encode()
+        self._emit(topic, seq, frame, now)
+        return seq
+
+    def deliver(self, topic_name: str, seq: int, body: bytes, ts: str, now: float) -> bool:
+        """An event sequenced elsewhere (the bus): ``body`` is its data, already JSON, and
+        ``ts`` its publisher's stamp. Returns False for a duplicate (``seq`` not above the
+        topic's), which changes nothing. An event beyond the next seq first owes every
+        subscriber a ``bus_outage`` gap for the hole (``rebase``)."""
+        topic = self._topic(topic_name)
+        if seq <= topic.seq:
+            self.stats.duplicates += 1
+            return False
+        if seq > topic.seq + 1:
+            self.rebase(topic_name, seq - 1, now)
+        frame = (
+            f'{{"type":"event","topic":{_dumps(topic_name).decode()},"seq":{seq},'
+            f'"ts":{_dumps(ts).decode()},"data":'
+        ).encode()
+        self._emit(topic, seq, frame + body + b',"stale":false}', now)
+        return True
+
+    def rebase(self, topic_name: str, seq: int, now: float, *, epoch: str | None = None) -> None:
+        """The topic's sequence moved on to ``seq`` without this node (a bus outage, or the
+        reconciliation after one). Subscribers are owed a ``bus_outage`` gap for what they
+        did not get; with another ``epoch`` they are told ``epoch_changed`` instead and the
+        count starts again from ``seq``. The history no longer matches the new count, so it
+        is dropped: a resume from before the rebase gets ``history_evicted``."""
+        topic = self._topic(topic_name)
+        if epoch is not None and epoch != topic.epoch:
+            gap = self._gap_frame(topic_name, None, None, GapReason.EPOCH_CHANGED)
+            topic.epoch = epoch
+            topic.retained = None
+            if topic.subscribers:
+                self.stats.epoch_changes += 1
+        elif seq > topic.seq:
+            gap = self._gap_frame(topic_name, topic.seq + 1, seq, GapReason.BUS_OUTAGE)
+        else:
+            return
+        topic.seq = seq
+        topic.history.clear()
+        for conn in list(topic.subscribers.values()):
+            if conn.owed:
+                conn.owed.pop(topic_name, None)  # the gap covers them
+            self._queue(conn, gap, now)
+
+    def attach(
+        self,
+        topic_name: str,
+        epoch: str,
+        seq: int,
+        events: Iterable[tuple[int, bytes, str]],
+        now: float,
+    ) -> None:
+        """Take a topic's state from the bus: its ``epoch``, its last ``seq`` and the tail
+        of its stream as ``(seq, body, ts)``, oldest first. Events this node already has
+        are skipped (no duplicate); subscribers get the rest, after a gap for any hole."""
+        if epoch != self._topic(topic_name).epoch:
+            self.rebase(topic_name, 0, now, epoch=epoch)
+        for event_seq, body, ts in events:
+            self.deliver(topic_name, event_seq, body, ts, now)
+        self.rebase(topic_name, seq, now)
+
+    def _emit(self, topic: Topic, seq: int, frame: bytes, now: float) -> None:
+        """Append one sequenced event to the topic's history and every subscriber's outbox."""
+        topic_name = topic.name
         topic.seq = seq
         event = _Event(topic_name, seq, now, frame)
         history = topic.history
@@ -580,7 +655,6 @@ class Hub:
                 self._overflow(conn, topic, event, now)
         if closing:
             self.stats.dropped["closing"] += closing
-        return seq
 
     # -- time ----------------------------------------------------------------------------
 

@@ -1,0 +1,547 @@
+"""Buses: how events published on one node reach the subscribers of every node.
+
+``MemoryBus`` is the embedded default: one node, the hub numbers its own topics.
+
+``RedisBus`` (``[bus] kind = "redis"``) makes Redis the one sequencer of every topic that
+is not node-local (the built-in topics and the sources' topics stay per node):
+
+- A topic is a hash ``wirestate:{topic}:meta`` (its ``epoch`` and last ``seq``) and a
+  stream ``wirestate:{topic}:stream`` capped at the history size (``XADD ... MAXLEN``)
+  whose entry ids are ``<seq>-0``. A publish is one Lua script (numbering and append are
+  atomic), so a seq means the same event on every node and a client resumes on any node.
+- Publishes from this node go through one task, in order, pipelined in batches.
+- One reader task reads, with a blocking ``XREAD``, the streams of the topics that have a
+  subscriber here, from each one's cursor, and hands the entries to the core
+  (``BusState.entries``): delivered in stream order on every node, duplicates ignored. A
+  node's own publishes reach its clients the same way, so every node sees one order.
+- The link is guarded by a breaker (``[bus.breaker]``). On the first failure the node
+  keeps delivering locally (``BusState.publish_local``), ``/readyz`` answers 503 and the
+  breaker paces the retries; on recovery every topic is reconciled with one atomic script
+  (``BusState`` explains the outcomes), the topics with subscribers are re-attached
+  (re-subscribed), and the node is ready again once that is confirmed.
+
+Messages: keys braced with the topic, so a topic's keys share a Redis Cluster slot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Protocol
+
+import orjson
+
+from wirestate.core.breaker import Breaker, BreakerConfig, Permit, StateChanged
+from wirestate.core.bus import BusState, Plan, Reconciled
+from wirestate.core.hub import Hub, _dumps, iso_utc
+
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
+
+log = logging.getLogger("wirestate.bus")
+
+#: How long one blocking read waits for new entries before looking again.
+BLOCK_MS = 1000
+#: Entries taken per stream and read.
+READ_COUNT = 500
+#: Publishes sent in one pipeline at most.
+BATCH = 500
+#: The shortest pause between two failed attempts while the breaker is still closed.
+RETRY_PAUSE = 0.05
+
+_SEED = """
+local function meta(kmeta, kstream, candidate)
+  local epoch = redis.call('HGET', kmeta, 'epoch')
+  local seq = tonumber(redis.call('HGET', kmeta, 'seq') or '0')
+  if not epoch then
+    epoch = candidate
+    local last = redis.call('XREVRANGE', kstream, '+', '-', 'COUNT', 1)
+    if last[1] then
+      seq = math.max(seq, tonumber(string.match(last[1][1], '^(%d+)')))
+    end
+    redis.call('HSET', kmeta, 'epoch', epoch, 'seq', seq)
+  end
+  return epoch, seq
+end
+"""
+
+# KEYS: meta, stream. ARGV: cap, candidate epoch, body, ts. Returns the seq.
+PUBLISH = (
+    _SEED
+    + """
+meta(KEYS[1], KEYS[2], ARGV[2])
+local seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
+redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[1], seq .. '-0', 'd', ARGV[3], 't', ARGV[4])
+return seq
+"""
+)
+
+# KEYS: meta, stream. ARGV: cap, candidate epoch. Returns {epoch, seq, newest entries}.
+ATTACH = (
+    _SEED
+    + """
+local epoch, seq = meta(KEYS[1], KEYS[2], ARGV[2])
+return {epoch, seq, redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', ARGV[1])}
+"""
+)
+
+# KEYS: meta, stream. ARGV: cap, node epoch, base, skipped, n, then n pairs body, ts.
+# Returns {status, epoch, start, end}: see wirestate.core.bus.
+RECONCILE = (
+    _SEED
+    + """
+local epoch, seq = meta(KEYS[1], KEYS[2], ARGV[2])
+local base = tonumber(ARGV[3])
+local status
+if epoch ~= ARGV[2] then
+  status = 'epoch'
+elseif seq <= base then
+  status = 'same'
+  seq = base
+else
+  status = 'moved'
+end
+local start = seq
+seq = seq + tonumber(ARGV[4])
+for i = 0, tonumber(ARGV[5]) - 1 do
+  seq = seq + 1
+  redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[1], seq .. '-0', 'd', ARGV[6 + 2 * i],
+             't', ARGV[7 + 2 * i])
+end
+redis.call('HSET', KEYS[1], 'seq', seq)
+return {status, epoch, start, seq}
+"""
+)
+
+
+def meta_key(topic: str) -> str:
+    return f"wirestate:{{{topic}}}:meta"
+
+
+def stream_key(topic: str) -> str:
+    return f"wirestate:{{{topic}}}:stream"
+
+
+class BusUnavailable(RuntimeError):
+    """The bus link is down and the call cannot fall back to local delivery."""
+
+
+class Host(Protocol):
+    """What a bus needs from the server that runs it."""
+
+    hub: Hub | None
+
+    def _dispatch(self) -> None: ...
+    def _now(self) -> float: ...
+
+
+class MemoryBus:
+    """One node: the hub numbers its own topics. Always ready."""
+
+    kind = "memory"
+    ready = True
+
+    def __init__(self, host: Host) -> None:
+        self._host = host
+
+    async def start(self) -> None:
+        return None
+
+    async def stop(self) -> None:
+        return None
+
+    def carries(self, topic: str) -> bool:
+        return False
+
+    async def attach(self, topics: list[str]) -> None:
+        return None
+
+    async def wake(self) -> None:
+        return None
+
+    async def publish(self, topic: str, data: Any) -> int:
+        raise AssertionError("the memory bus carries no topic")  # pragma: no cover
+
+    def submit(self, topic: str, data: Any) -> None:
+        raise AssertionError("the memory bus carries no topic")  # pragma: no cover
+
+    def status(self) -> dict[str, Any]:
+        return {"kind": "memory", "up": True}
+
+
+class RedisBus:
+    """Redis Streams as the bus of several nodes (module docstring)."""
+
+    kind = "redis"
+
+    def __init__(
+        self,
+        host: Host,
+        url: str,
+        *,
+        local_topics: frozenset[str],
+        breaker: BreakerConfig,
+        on_transition: Callable[[StateChanged], None] | None = None,
+        node: str | None = None,
+    ) -> None:
+        self._host = host
+        self._url = url
+        self.local_topics = local_topics
+        self.node = node or secrets.token_hex(4)
+        self.breaker = Breaker("bus", breaker)
+        self._on_transition = on_transition
+        self.state: BusState | None = None
+        self._redis: Redis | None = None
+        self._reader_redis: Redis | None = None
+        self._scripts: dict[str, Any] = {}
+        self._outbox: list[tuple[str, bytes, str, asyncio.Future[int] | None]] = []
+        self._outbox_ready = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._up = asyncio.Event()
+        self._wake_id = b"0-0"
+        self.published = 0
+        self.read = 0
+
+    # -- life --------------------------------------------------------------------------
+
+    @property
+    def ready(self) -> bool:
+        return self.state is not None and self.state.up
+
+    async def start(self) -> None:
+        from redis.asyncio import Redis
+        from redis.backoff import NoBackoff
+        from redis.retry import Retry
+
+        hub = self._need_hub()
+        self.state = BusState(hub, hub.config.history_size)
+        common: dict[str, Any] = {
+            "socket_connect_timeout": 2.0,
+            # The breaker paces retries; redis-py's own would hide an outage for seconds.
+            "retry": Retry(NoBackoff(), 0),
+        }
+        self._redis = Redis.from_url(self._url, socket_timeout=5.0, **common)
+        # The blocking reader's own connection; its wait is bounded by BLOCK_MS, and a read
+        # that outlives it by much means a dead link (see _read).
+        self._reader_redis = Redis.from_url(
+            self._url, socket_timeout=None, single_connection_client=True, **common
+        )
+        for name, text in (("publish", PUBLISH), ("attach", ATTACH), ("reconcile", RECONCILE)):
+            self._scripts[name] = self._redis.register_script(text)
+        loop = asyncio.get_running_loop()
+        self._tasks = [
+            loop.create_task(self._link(), name="wirestate-bus-link"),
+            loop.create_task(self._publisher(), name="wirestate-bus-publisher"),
+        ]
+        # Ready (and able to attach) once the first connection is confirmed; a node that
+        # cannot reach Redis at start keeps serving locally and says so on /readyz.
+        try:
+            async with asyncio.timeout(3.0):
+                await self._up.wait()
+        except TimeoutError:
+            log.warning("bus: Redis not reachable at start; serving locally until it is")
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for fut in (f for *_, f in self._outbox if f is not None and not f.done()):
+            fut.set_exception(BusUnavailable("the node is stopping"))
+        self._outbox.clear()
+        for client in (self._redis, self._reader_redis):
+            if client is not None:
+                try:
+                    await client.aclose()
+                except Exception:  # noqa: S110 - closing a link that may be gone already
+                    pass
+
+    def carries(self, topic: str) -> bool:
+        return topic not in self.local_topics
+
+    def status(self) -> dict[str, Any]:
+        state = self._need_state()
+        return {
+            "kind": "redis",
+            "up": state.up,
+            "breaker": self.breaker.state.value,
+            "outages": state.outages,
+            "attached": sum(1 for link in state.links.values() if link.attached),
+            "pending": sum(len(link.pending) for link in state.links.values()),
+        }
+
+    # -- publish -----------------------------------------------------------------------
+
+    async def publish(self, topic: str, data: Any) -> int:
+        """Publish on a bus topic; returns its seq (a local one while the link is down:
+        the event reaches this node's subscribers now and the bus on recovery)."""
+        body = _dumps(data)
+        if not self._need_state().up and not self._outbox:
+            return self._local(topic, data)
+        fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._enqueue(topic, body, fut)
+        return await fut
+
+    def submit(self, topic: str, data: Any) -> None:
+        """``publish`` without waiting for the seq (a client's ``publish`` message); the
+        order of submissions is kept. ``TypeError`` for data that is not JSON."""
+        body = _dumps(data)
+        if not self._need_state().up and not self._outbox:
+            self._local(topic, data)
+            return
+        self._enqueue(topic, body, None)
+
+    def _enqueue(self, topic: str, body: bytes, fut: asyncio.Future[int] | None) -> None:
+        hub = self._need_hub()
+        ts = iso_utc(self._host._now() + hub.wall_offset)
+        self._outbox.append((topic, body, ts, fut))
+        self._outbox_ready.set()
+
+    def _local(self, topic: str, data: Any) -> int:
+        seq = self._need_state().publish_local(topic, data, self._host._now())
+        self._host._dispatch()
+        return seq
+
+    async def _publisher(self) -> None:
+        """The one task that writes this node's publishes to Redis, in order."""
+        while True:
+            await self._outbox_ready.wait()
+            self._outbox_ready.clear()
+            while self._outbox:
+                if not self._need_state().up:
+                    await self._spill()
+                    break
+                batch, self._outbox = self._outbox[:BATCH], self._outbox[BATCH:]
+                await self._send(batch)
+
+    async def _send(self, batch: list[tuple[str, bytes, str, asyncio.Future[int] | None]]) -> None:
+        redis = self._need_redis()
+        script = self._scripts["publish"]
+        cap = self._need_state().cap
+        try:
+            async with redis.pipeline(transaction=False) as pipe:
+                for topic, body, ts, _ in batch:
+                    await script(
+                        keys=[meta_key(topic), stream_key(topic)],
+                        args=[cap, secrets.token_hex(4), body, ts],
+                        client=pipe,
+                    )
+                seqs = await pipe.execute()
+        except Exception as exc:
+            # The link failed mid-batch: what Redis did not confirm is published locally
+            # (and reconciled later). A batch Redis applied but could not confirm may reach
+            # other nodes twice; docs/scaling.md says so.
+            self._lost(exc)
+            self._outbox[:0] = batch
+            await self._spill()
+            return
+        self.published += len(batch)
+        for (*_, fut), seq in zip(batch, seqs, strict=True):
+            if fut is not None and not fut.done():
+                fut.set_result(int(seq))
+
+    async def _spill(self) -> None:
+        """The link is down: everything queued for it is published locally instead."""
+        queued, self._outbox = self._outbox, []
+        for topic, body, _, fut in queued:
+            seq = self._local(topic, orjson.loads(body))
+            if fut is not None and not fut.done():
+                fut.set_result(seq)
+
+    # -- attach and read -----------------------------------------------------------------
+
+    async def attach(self, topics: list[str]) -> None:
+        """Read the state of the bus topics among ``topics`` not read here yet, before a
+        client subscribes to them (its ``subscribed`` then carries the bus's epoch and its
+        resume is served from the stream's tail). While the link is down this does
+        nothing: the subscription is local until recovery re-attaches it."""
+        state = self._need_state()
+        wanted = [
+            t
+            for t in dict.fromkeys(topics)
+            if self.carries(t) and not state.link(t).attached and state.up
+        ]
+        if not wanted:
+            return
+        try:
+            await self._attach(wanted)
+        except Exception as exc:
+            self._lost(exc)
+
+    async def _attach(self, topics: list[str]) -> None:
+        redis = self._need_redis()
+        state = self._need_state()
+        script = self._scripts["attach"]
+        async with redis.pipeline(transaction=False) as pipe:
+            for topic in topics:
+                await script(
+                    keys=[meta_key(topic), stream_key(topic)],
+                    args=[state.cap, secrets.token_hex(4)],
+                    client=pipe,
+                )
+            replies = await pipe.execute()
+        now = self._host._now()
+        for topic, (epoch, seq, newest) in zip(topics, replies, strict=True):
+            state.attach(topic, epoch.decode(), int(seq), _entries(reversed(newest)), now)
+        self._host._dispatch()
+
+    async def wake(self) -> None:
+        """Make the blocked reader look at the set of topics again (after a subscription:
+        a topic is read while it has a subscriber here)."""
+        redis = self._need_redis()
+        try:
+            await redis.xadd(self._wake_key, {"w": b"1"}, maxlen=1)
+        except Exception as exc:
+            self._lost(exc)
+
+    @property
+    def _wake_key(self) -> str:
+        return f"wirestate:node:{self.node}:wake"
+
+    async def _link(self) -> None:
+        """Connect, read while up, recover after a failure: the bus link's one task."""
+        while True:
+            state = self._need_state()
+            if not state.up:
+                await self._recover()
+                continue
+            try:
+                await self._read()
+            except Exception as exc:
+                self._lost(exc)
+
+    async def _read(self) -> None:
+        state = self._need_state()
+        streams: dict[Any, Any] = {self._wake_key: self._wake_id}
+        for topic, cursor in state.reading().items():
+            streams[stream_key(topic)] = f"{cursor}-0"
+        redis = self._reader_redis
+        assert redis is not None
+        async with asyncio.timeout(BLOCK_MS / 1000 + 5.0):
+            reply = await redis.xread(streams, count=READ_COUNT, block=BLOCK_MS)
+        if not reply:
+            return
+        now = self._host._now()
+        for key, entries in reply:
+            name = key.decode()
+            if name == self._wake_key:
+                self._wake_id = entries[-1][0]
+                continue
+            topic = name[len("wirestate:{") : -len("}:stream")]
+            self.read += state.entries(topic, _entries(entries), now)
+        self._host._dispatch()
+
+    def _lost(self, exc: BaseException) -> None:
+        state = self._need_state()
+        self._up.clear()
+        if state.lost():
+            log.warning(
+                "bus: link to Redis lost (%s); delivering locally until it is back",
+                type(exc).__name__,
+            )
+
+    async def _recover(self) -> None:
+        """One attempt, when the breaker allows, to reconnect, reconcile and re-attach."""
+        now = self._host._now()
+        got = self.breaker.acquire(now)
+        self._transitions()
+        if not isinstance(got, Permit):
+            await asyncio.sleep(min(max(got.retry_after, RETRY_PAUSE), 1.0))
+            return
+        try:
+            await self._reconnect()
+        except asyncio.CancelledError:
+            self.breaker.on_cancelled(got, self._host._now())
+            raise
+        except Exception as exc:
+            self.breaker.on_failure(got, self._host._now(), exc)
+            self._transitions()
+            log.debug("bus: reconnect failed (%s)", type(exc).__name__)
+            await asyncio.sleep(RETRY_PAUSE)
+            return
+        self.breaker.on_success(got, self._host._now())
+        self._transitions()
+
+    async def _reconnect(self) -> None:
+        redis = self._need_redis()
+        state = self._need_state()
+        await redis.ping()
+        plans = state.plans()
+        if plans:
+            script = self._scripts["reconcile"]
+            async with redis.pipeline(transaction=False) as pipe:
+                for plan in plans:
+                    args: list[Any] = [state.cap, plan.epoch, plan.base, plan.skipped]
+                    args.append(len(plan.events))
+                    for body, ts in plan.events:
+                        args += [body, ts]
+                    await script(
+                        keys=[meta_key(plan.topic), stream_key(plan.topic)],
+                        args=args,
+                        client=pipe,
+                    )
+                replies = await pipe.execute()
+            now = self._host._now()
+            for plan, reply in zip(plans, replies, strict=True):
+                self._reconciled(plan, reply, now)
+        # Re-subscribe: every bus topic with a subscriber here is read from its cursor.
+        hub = self._need_hub()
+        again = [
+            name
+            for name, topic in hub.topics.items()
+            if topic.subscribers and self.carries(name) and not state.link(name).attached
+        ]
+        if again:
+            await self._attach(again)
+        state.restored()
+        self._up.set()
+        attached = sum(1 for link in state.links.values() if link.attached)
+        log.info(
+            "bus: link to Redis confirmed; %d topics reconciled, %d read", len(plans), attached
+        )
+        self._host._dispatch()
+        if self._outbox:
+            self._outbox_ready.set()
+
+    def _reconciled(self, plan: Plan, reply: list[Any], now: float) -> None:
+        status, epoch, start, end = reply
+        self._need_state().reconciled(
+            plan, Reconciled(status.decode()), epoch.decode(), int(start), int(end), now
+        )
+
+    def _transitions(self) -> None:
+        for change in self.breaker.actions():
+            log.log(
+                logging.WARNING if change.to_state.value == "open" else logging.INFO,
+                "bus: breaker %s -> %s",
+                change.from_state.value,
+                change.to_state.value,
+            )
+            if self._on_transition is not None:
+                self._on_transition(change)
+        self.breaker.call_events()
+
+    # -- plumbing ----------------------------------------------------------------------
+
+    def _need_hub(self) -> Hub:
+        hub = self._host.hub
+        assert hub is not None, "the server has not started"
+        return hub
+
+    def _need_state(self) -> BusState:
+        assert self.state is not None, "the bus has not started"
+        return self.state
+
+    def _need_redis(self) -> Redis:
+        assert self._redis is not None, "the bus has not started"
+        return self._redis
+
+
+def _entries(raw: Any) -> list[tuple[int, bytes, str]]:
+    """Stream entries ``(b"<seq>-0", {b"d": body, b"t": ts})`` as (seq, body, ts)."""
+    out = []
+    for entry_id, fields in raw:
+        seq = int(entry_id.split(b"-", 1)[0])
+        out.append((seq, bytes(fields[b"d"]), fields[b"t"].decode()))
+    return out
