@@ -90,8 +90,7 @@ class BusState:
         for name, link in self.links.items():
             if not link.attached:
                 continue
-            topic = topics.get(name)
-            if topic is not None and topic.subscribers:
+            if topics[name].subscribers:
                 out[name] = link.cursor
             else:
                 link.attached = False
