@@ -26,12 +26,14 @@ Messages: keys braced with the topic, so a topic's keys share a Redis Cluster sl
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import secrets
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import orjson
+from redis.exceptions import RedisError
 
 from wirestate.core.breaker import Breaker, BreakerConfig, Permit, StateChanged
 from wirestate.core.bus import BusState, Plan, Reconciled
@@ -39,6 +41,9 @@ from wirestate.core.hub import Hub, _dumps, iso_utc
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
+
+#: What a broken link raises (anything else is a bug, and is not taken for an outage).
+LINK_ERRORS = (RedisError, OSError, TimeoutError)
 
 log = logging.getLogger("wirestate.bus")
 
@@ -252,10 +257,8 @@ class RedisBus:
         self._outbox.clear()
         for client in (self._redis, self._reader_redis):
             if client is not None:
-                try:
+                with contextlib.suppress(*LINK_ERRORS):  # the link may be gone already
                     await client.aclose()
-                except Exception:  # noqa: S110 - closing a link that may be gone already
-                    pass
 
     def carries(self, topic: str) -> bool:
         return topic not in self.local_topics
@@ -328,7 +331,7 @@ class RedisBus:
                         client=pipe,
                     )
                 seqs = await pipe.execute()
-        except Exception as exc:
+        except LINK_ERRORS as exc:
             # The link failed mid-batch: what Redis did not confirm is published locally
             # (and reconciled later). A batch Redis applied but could not confirm may reach
             # other nodes twice; docs/scaling.md says so.
@@ -366,7 +369,7 @@ class RedisBus:
             return
         try:
             await self._attach(wanted)
-        except Exception as exc:
+        except LINK_ERRORS as exc:
             self._lost(exc)
 
     async def _attach(self, topics: list[str]) -> None:
@@ -392,7 +395,7 @@ class RedisBus:
         redis = self._need_redis()
         try:
             await redis.xadd(self._wake_key, {"w": b"1"}, maxlen=1)
-        except Exception as exc:
+        except LINK_ERRORS as exc:
             self._lost(exc)
 
     @property
@@ -408,7 +411,7 @@ class RedisBus:
                 continue
             try:
                 await self._read()
-            except Exception as exc:
+            except LINK_ERRORS as exc:
                 self._lost(exc)
 
     async def _read(self) -> None:
@@ -423,7 +426,8 @@ class RedisBus:
         if not reply:
             return
         now = self._host._now()
-        for key, entries in reply:
+        entry_lists: list[tuple[bytes, Any]] = list(cast(Any, reply))  # RESP2: a list
+        for key, entries in entry_lists:
             name = key.decode()
             if name == self._wake_key:
                 self._wake_id = entries[-1][0]
@@ -542,6 +546,8 @@ def _entries(raw: Any) -> list[tuple[int, bytes, str]]:
     """Stream entries ``(b"<seq>-0", {b"d": body, b"t": ts})`` as (seq, body, ts)."""
     out = []
     for entry_id, fields in raw:
+        if isinstance(fields, list):  # from a script: a flat [field, value, ...] list
+            fields = dict(zip(fields[::2], fields[1::2], strict=True))
         seq = int(entry_id.split(b"-", 1)[0])
         out.append((seq, bytes(fields[b"d"]), fields[b"t"].decode()))
     return out

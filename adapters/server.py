@@ -578,14 +578,14 @@ class WirestateServer:
         client = self._clients[conn.client_id]
         if client.authenticating and not isinstance(msg, wire.WireError):
             self._authenticate(client, msg, now)
-            return
+            return None
         grants = client.grants
         if isinstance(msg, wire.Subscribe) and not all(map(grants.may_subscribe, msg.topics)):
             hub.bad_input(conn, ErrorCode.FORBIDDEN, "a topic is outside your token's claims", now)
-            return
+            return None
         if isinstance(msg, wire.Publish) and not grants.may_publish(msg.topic):
             hub.bad_input(conn, ErrorCode.FORBIDDEN, "publishing there is outside your claims", now)
-            return
+            return None
         match msg:
             case wire.WireError(code=code, message=message):
                 hub.bad_input(conn, ErrorCode(code), message, now)
@@ -594,7 +594,7 @@ class WirestateServer:
                 for topic, value in (since or {}).items():
                     cursor[topic] = value if isinstance(value, int) else (value.seq, value.epoch)
                 if self.bus.ready and any(map(self.bus.carries, topics)):
-                    return self._subscribe_attached(conn, topics, cursor)
+                    return self._subscribe_attached(conn, list(topics), cursor)
                 hub.subscribe(conn, topics, now, since=cursor)
             case wire.Unsubscribe(topics=topics):
                 hub.unsubscribe(conn, topics, now)

@@ -1,0 +1,367 @@
+"""Several hub nodes, each a separate `wirestate serve` process, sharing a real Redis.
+
+Redis is REDIS_URL (default redis://127.0.0.1:6379/0); without it these tests skip, except
+under CI, where they fail. The outage test starts its own redis-server on a free port, so
+stopping it disturbs nothing else. Topics are random per test: the shared Redis may hold
+other runs' streams.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed
+
+WAIT = 20.0  # the bound on every wait: a failure, never a hang
+REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _reachable(url: str) -> bool:
+    import redis
+
+    try:
+        return bool(redis.Redis.from_url(url, socket_connect_timeout=1).ping())
+    except redis.RedisError:
+        return False
+
+
+@pytest.fixture(scope="module")
+def redis_url() -> str:
+    if not _reachable(REDIS_URL):
+        if os.environ.get("CI"):
+            pytest.fail(f"Redis is not reachable at {REDIS_URL}; CI must provide it")
+        pytest.skip(f"Redis is not reachable at {REDIS_URL}; set REDIS_URL")
+    return REDIS_URL
+
+
+class Node:
+    def __init__(self, proc: subprocess.Popen[bytes], port: int) -> None:
+        self.proc = proc
+        self.port = port
+        self.url = f"ws://127.0.0.1:{port}/ws"
+        self.http = f"http://127.0.0.1:{port}"
+
+
+@contextmanager
+def nodes(tmp_path: Path, url: str, count: int, **bus: Any) -> Iterator[list[Node]]:
+    """``count`` `wirestate serve` processes on the Redis bus at ``url``."""
+    breaker = bus.get("breaker", {"failure_threshold": 1, "reset_timeout": 0.2})
+    config = tmp_path / "bus.toml"
+    config.write_text(
+        f'[history]\nsize = 1000\n\n[bus]\nkind = "redis"\nurl = "{url}"\n\n[bus.breaker]\n'
+        f"failure_threshold = {breaker['failure_threshold']}\n"
+        f"reset_timeout = {breaker['reset_timeout']}\n"
+    )
+    exe = Path(sys.executable).with_name("wirestate")
+    started: list[Node] = []
+    try:
+        for _ in range(count):
+            port = _free_port()
+            proc = subprocess.Popen(
+                [str(exe), "serve", "--config", str(config), "--port", str(port)],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            started.append(Node(proc, port))
+        yield started
+    finally:
+        for node in started:
+            if node.proc.poll() is None:
+                node.proc.terminate()
+        for node in started:
+            try:
+                node.proc.wait(WAIT)
+            except subprocess.TimeoutExpired:
+                node.proc.kill()
+                node.proc.wait()
+
+
+async def ready(node: Node, want: bool = True) -> dict[str, Any]:
+    """Wait until /readyz says ``want``; returns its body."""
+    async with httpx.AsyncClient() as http, asyncio.timeout(WAIT):
+        while True:
+            try:
+                r = await http.get(f"{node.http}/readyz")
+                if (r.status_code == 200) is want:
+                    body: dict[str, Any] = r.json()
+                    return body
+            except httpx.TransportError:
+                pass  # not listening yet
+            await asyncio.sleep(0.02)
+
+
+async def recv(ws: ClientConnection) -> dict[str, Any]:
+    async with asyncio.timeout(WAIT):
+        msg: dict[str, Any] = orjson.loads(await ws.recv())
+    return msg
+
+
+@asynccontextmanager
+async def subscriber(
+    node: Node, *topics: str, since: dict[str, Any] | None = None
+) -> AsyncIterator[tuple[ClientConnection, dict[str, Any]]]:
+    async with connect(node.url, ping_interval=None) as ws:
+        assert (await recv(ws))["type"] == "welcome"
+        msg: dict[str, Any] = {"type": "subscribe", "topics": list(topics)}
+        if since:
+            msg["since"] = since
+        await ws.send(orjson.dumps(msg).decode())
+        subscribed = await recv(ws)
+        assert subscribed["type"] == "subscribed"
+        yield ws, subscribed
+
+
+async def publish(node: Node, topic: str, data: Any) -> int:
+    async with httpx.AsyncClient() as http:
+        r = await http.post(f"{node.http}/publish", json={"topic": topic, "data": data})
+    assert r.status_code == 200, r.text
+    seq: int = r.json()["seq"]
+    return seq
+
+
+async def events(ws: ClientConnection, n: int) -> list[dict[str, Any]]:
+    """The next ``n`` event or gap messages."""
+    out: list[dict[str, Any]] = []
+    while len(out) < n:
+        msg = await recv(ws)
+        if msg["type"] in ("event", "gap"):
+            out.append(msg)
+    return out
+
+
+def topic() -> str:
+    return f"test.bus.{secrets.token_hex(4)}"
+
+
+# -- publish on one, receive on all --------------------------------------------------------
+
+
+@pytest.mark.parametrize("count", [2, 3])
+async def test_a_publish_on_any_node_reaches_every_node_in_one_order(
+    tmp_path: Path, redis_url: str, count: int
+) -> None:
+    t = topic()
+    with nodes(tmp_path, redis_url, count) as ns:
+        for node in ns:
+            await ready(node)
+        async with contextlib_stack(ns, t) as clients:
+            epochs = {sub["epoch"][t] for _, sub in clients}
+            assert len(epochs) == 1  # one sequence space, whichever node a client is on
+            # Every node publishes at once: Redis decides one order, every node follows it.
+            per_node = 20
+            await asyncio.gather(
+                *(
+                    publish(node, t, {"node": i, "n": k})
+                    for k in range(per_node)
+                    for i, node in enumerate(ns)
+                )
+            )
+            total = per_node * count
+            seen = [await events(ws, total) for ws, _ in clients]
+    first = seen[0]
+    assert [m["seq"] for m in first] == list(range(1, total + 1))
+    for other in seen[1:]:
+        assert other == first  # same seqs, same data, same timestamps, same order
+    assert sorted((m["data"]["node"], m["data"]["n"]) for m in first) == sorted(
+        (i, k) for i in range(count) for k in range(per_node)
+    )
+
+
+@asynccontextmanager
+async def contextlib_stack(
+    ns: list[Node], t: str
+) -> AsyncIterator[list[tuple[ClientConnection, dict[str, Any]]]]:
+    from contextlib import AsyncExitStack
+
+    async with AsyncExitStack() as stack:
+        yield [await stack.enter_async_context(subscriber(node, t)) for node in ns]
+
+
+async def test_a_websocket_publish_reaches_the_other_node(tmp_path: Path, redis_url: str) -> None:
+    t = topic()
+    with nodes(tmp_path, redis_url, 2) as (a, b):
+        await ready(a)
+        await ready(b)
+        async with subscriber(a, t) as (wa, _), subscriber(b, t) as (wb, _):
+            await wa.send(orjson.dumps({"type": "publish", "topic": t, "data": "hi"}).decode())
+            for ws in (wa, wb):
+                (msg,) = await events(ws, 1)
+                assert (msg["seq"], msg["data"]) == (1, "hi")
+
+
+# -- a node dies mid-stream ----------------------------------------------------------------
+
+
+async def test_clients_of_a_killed_node_resume_on_another_without_loss(
+    tmp_path: Path, redis_url: str
+) -> None:
+    t = topic()
+    total = 200
+    with nodes(tmp_path, redis_url, 2) as (a, b):
+        await ready(a)
+        await ready(b)
+        got: list[int] = []
+        async with subscriber(a, t) as (ws, sub):
+            epoch = sub["epoch"][t]
+
+            async def publisher() -> None:
+                for k in range(total):
+                    await publish(b, t, {"k": k})
+
+            task = asyncio.create_task(publisher())
+            try:
+                while len(got) < 50:
+                    (msg,) = await events(ws, 1)
+                    got.append(msg["seq"])
+                a.proc.send_signal(signal.SIGKILL)  # no goodbye: the socket just dies
+                await read_until_closed(ws, got)
+            except BaseException:
+                task.cancel()
+                raise
+        # The client resumes on the surviving node from the last seq it has.
+        since = {t: {"seq": got[-1], "epoch": epoch}}
+        async with subscriber(b, t, since=since) as (ws, sub):
+            assert sub["recovered"] == {t: True}
+            assert sub["epoch"] == {t: epoch}
+            while got[-1] < total:
+                (msg,) = await events(ws, 1)
+                assert msg["type"] == "event", msg
+                got.append(msg["seq"])
+        await asyncio.wait_for(task, WAIT)
+    assert got == list(range(1, total + 1))  # nothing lost, nothing twice
+
+
+async def read_until_closed(ws: ClientConnection, got: list[int]) -> None:
+    """Take what the dying connection still delivers, until it ends (whichever way)."""
+    with contextlib.suppress(ConnectionClosed):
+        while True:
+            (msg,) = await events(ws, 1)
+            got.append(msg["seq"])
+
+
+# -- Redis goes away and comes back --------------------------------------------------------
+
+
+@contextmanager
+def own_redis(port: int) -> Iterator[subprocess.Popen[bytes]]:
+    exe = shutil.which("redis-server")
+    if exe is None:
+        if os.environ.get("CI"):
+            pytest.fail("redis-server is not installed; CI must provide it")
+        pytest.skip("redis-server is not installed")
+    proc = subprocess.Popen(
+        [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+        stdout=subprocess.DEVNULL,
+    )
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+        proc.wait()
+
+
+async def test_a_redis_outage_is_visible_survivable_and_heals_without_duplicates(
+    tmp_path: Path, redis_url: str
+) -> None:
+    port = _free_port()
+    url = f"redis://127.0.0.1:{port}/0"
+    t = topic()
+    with own_redis(port) as redis_proc, nodes(tmp_path, url, 2) as (a, b):
+        await ready(a)
+        await ready(b)
+        async with (
+            subscriber(a, t) as (wa, _),
+            subscriber(b, t) as (wb, _),
+            subscriber(a, "circuit_breaker") as (wcb, _),
+        ):
+            for k in range(3):
+                await publish(a, t, {"before": k})
+            before_a, before_b = await events(wa, 3), await events(wb, 3)
+            assert [m["seq"] for m in before_a] == [m["seq"] for m in before_b] == [1, 2, 3]
+
+            redis_proc.terminate()  # Redis stops; nothing of it is kept (--save "")
+            redis_proc.wait()
+            down = await ready(a, want=False)
+            await ready(b, want=False)
+            assert down["status"] == "bus_down"
+            # Local delivery goes on: each node's clients get what is published on it.
+            assert await publish(a, t, "a1") == 4
+            assert await publish(a, t, "a2") == 5
+            assert await publish(b, t, "b1") == 4
+            assert [m["data"] for m in await events(wa, 2)] == ["a1", "a2"]
+            assert [m["data"] for m in await events(wb, 1)] == ["b1"]
+
+            with own_redis(port):
+                up = await ready(a)
+                await ready(b)
+                assert up["bus"]["outages"] == 1
+                # Both confirmed: a publish now reaches both, once, in one order.
+                last = await publish(a, t, "after")
+                tail_a = await until_seq(wa, last)
+                tail_b = await until_seq(wb, last)
+                changes = await breaker_until_closed(wcb)
+
+    # Redis came back empty; the node that reconciled first re-seeded the topic and kept its
+    # seqs. The other node's events went after them, and its clients got a bus_outage gap
+    # as long as what the first node published meanwhile. Nothing arrives twice.
+    assert last == 7
+    gaps = [m for m in tail_a + tail_b if m["type"] == "gap"]
+    assert len(gaps) == 1, gaps
+    (gap,) = gaps
+    assert gap["reason"] == "bus_outage"
+    shape_a = [(m["type"], m.get("seq"), m.get("data")) for m in tail_a]
+    shape_b = [(m["type"], m.get("seq"), m.get("data")) for m in tail_b]
+    if gap in tail_a:  # b won: b1 kept seq 4, a1 and a2 became 5 and 6
+        assert shape_a == [("gap", None, None), ("event", 7, "after")]
+        assert (gap["from_seq"], gap["to_seq"]) == (6, 6)  # one missed: b1
+        assert shape_b == [("event", 5, "a1"), ("event", 6, "a2"), ("event", 7, "after")]
+    else:  # a won: a1 and a2 kept 4 and 5, b1 became 6
+        assert shape_b == [("gap", None, None), ("event", 7, "after")]
+        assert (gap["from_seq"], gap["to_seq"]) == (5, 6)  # two missed: a1 and a2
+        assert shape_a == [("event", 6, "b1"), ("event", 7, "after")]
+    # The breaker guarding the link opened and closed again, in public.
+    assert ("closed", "open") in changes
+    assert changes[-1] == ("half_open", "closed")
+
+
+async def until_seq(ws: ClientConnection, seq: int) -> list[dict[str, Any]]:
+    """Events and gaps up to the event ``seq``."""
+    out: list[dict[str, Any]] = []
+    while True:
+        (msg,) = await events(ws, 1)
+        out.append(msg)
+        if msg["type"] == "event" and msg["seq"] == seq:
+            return out
+
+
+async def breaker_until_closed(ws: ClientConnection) -> list[tuple[str, str]]:
+    """The bus breaker's transitions on ``circuit_breaker`` until it closes again."""
+    changes: list[tuple[str, str]] = []
+    while not changes or changes[-1][1] != "closed":
+        (msg,) = await events(ws, 1)
+        if msg["type"] == "event" and msg["data"]["breaker"] == "bus":
+            changes.append((msg["data"]["from"], msg["data"]["to"]))
+    return changes
