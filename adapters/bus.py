@@ -55,6 +55,8 @@ READ_COUNT = 500
 BATCH = 500
 #: The shortest pause between two failed attempts while the breaker is still closed.
 RETRY_PAUSE = 0.05
+#: How long ``start`` waits for Redis before serving locally (and saying so on /readyz).
+START_WAIT = 3.0
 
 _SEED = """
 local function meta(kmeta, kstream, candidate)
@@ -160,8 +162,8 @@ class MemoryBus:
     def carries(self, topic: str) -> bool:
         return False
 
-    async def attach(self, topics: list[str]) -> None:
-        return None
+    async def attach(self, topics: list[str]) -> bool:
+        return False
 
     async def wake(self) -> None:
         return None
@@ -243,7 +245,7 @@ class RedisBus:
         # Ready (and able to attach) once the first connection is confirmed; a node that
         # cannot reach Redis at start keeps serving locally and says so on /readyz.
         try:
-            async with asyncio.timeout(3.0):
+            async with asyncio.timeout(START_WAIT):
                 await self._up.wait()
         except TimeoutError:
             log.warning("bus: Redis not reachable at start; serving locally until it is")
@@ -354,11 +356,12 @@ class RedisBus:
 
     # -- attach and read -----------------------------------------------------------------
 
-    async def attach(self, topics: list[str]) -> None:
+    async def attach(self, topics: list[str]) -> bool:
         """Read the state of the bus topics among ``topics`` not read here yet, before a
         client subscribes to them (its ``subscribed`` then carries the bus's epoch and its
         resume is served from the stream's tail). While the link is down this does
-        nothing: the subscription is local until recovery re-attaches it."""
+        nothing: the subscription is local until recovery re-attaches it. True when a
+        topic was attached (the reader must then ``wake``)."""
         state = self._need_state()
         wanted = [
             t
@@ -366,11 +369,13 @@ class RedisBus:
             if self.carries(t) and not state.link(t).attached and state.up
         ]
         if not wanted:
-            return
+            return False
         try:
             await self._attach(wanted)
         except LINK_ERRORS as exc:
             self._lost(exc)
+            return False
+        return True
 
     async def _attach(self, topics: list[str]) -> None:
         redis = self._need_redis()

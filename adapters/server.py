@@ -613,10 +613,11 @@ class WirestateServer:
         self, conn: Connection, topics: list[str], since: dict[str, int | tuple[int, str | None]]
     ) -> None:
         """Subscribe once the bus has read the topics' state (epoch, seq, history)."""
-        await self.bus.attach(topics)
+        attached = await self.bus.attach(topics)
         self._need_hub().subscribe(conn, topics, self._now(), since=since)
         self._dispatch()
-        await self.bus.wake()
+        if attached:
+            await self.bus.wake()
 
     async def _writer(self, client: _Client) -> None:
         hub, conn, ws = self._need_hub(), client.conn, client.ws

@@ -28,6 +28,10 @@ import pytest
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
+from wirestate.adapters import bus as bus_module
+from wirestate.adapters.server import WirestateServer
+from wirestate.models.settings import Settings
+
 WAIT = 20.0  # the bound on every wait: a failure, never a hang
 REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
 
@@ -57,7 +61,7 @@ def redis_url() -> str:
 
 
 class Node:
-    def __init__(self, proc: subprocess.Popen[bytes], port: int) -> None:
+    def __init__(self, proc: subprocess.Popen[bytes] | None, port: int) -> None:
         self.proc = proc
         self.port = port
         self.url = f"ws://127.0.0.1:{port}/ws"
@@ -88,9 +92,11 @@ def nodes(tmp_path: Path, url: str, count: int, **bus: Any) -> Iterator[list[Nod
         yield started
     finally:
         for node in started:
+            assert node.proc is not None
             if node.proc.poll() is None:
                 node.proc.terminate()
         for node in started:
+            assert node.proc is not None
             try:
                 node.proc.wait(WAIT)
             except subprocess.TimeoutExpired:
@@ -235,6 +241,7 @@ async def test_clients_of_a_killed_node_resume_on_another_without_loss(
                 while len(got) < 50:
                     (msg,) = await events(ws, 1)
                     got.append(msg["seq"])
+                assert a.proc is not None
                 a.proc.send_signal(signal.SIGKILL)  # no goodbye: the socket just dies
                 await read_until_closed(ws, got)
             except BaseException:
@@ -365,3 +372,55 @@ async def breaker_until_closed(ws: ClientConnection) -> list[tuple[str, str]]:
         if msg["type"] == "event" and msg["data"]["breaker"] == "bus":
             changes.append((msg["data"]["from"], msg["data"]["to"]))
     return changes
+
+
+# -- in process: start without Redis, the library API --------------------------------------
+
+
+def _bus_settings(url: str) -> Settings:
+    return Settings.model_validate(
+        {
+            "server": {"port": 0},
+            "bus": {
+                "kind": "redis",
+                "url": url,
+                "breaker": {"failure_threshold": 1, "reset_timeout": 0.05},
+            },
+        }
+    )
+
+
+async def test_a_node_started_without_redis_serves_locally_then_joins(
+    monkeypatch: pytest.MonkeyPatch, redis_url: str
+) -> None:
+    monkeypatch.setattr(bus_module, "START_WAIT", 0.1)
+    port = _free_port()
+    t = topic()
+    async with WirestateServer(_bus_settings(f"redis://127.0.0.1:{port}/0")) as server:
+        node = Node(None, server.port)
+        assert (await ready(node, want=False))["status"] == "bus_down"
+        async with subscriber(node, t) as (ws, _):
+            assert await server.publish(t, "local") == 1
+            assert [m["data"] for m in await events(ws, 1)] == ["local"]
+            with own_redis(port):
+                body = await ready(node)
+                assert body["bus"] == {
+                    "kind": "redis",
+                    "up": True,
+                    "breaker": "closed",
+                    "outages": 0,
+                    "attached": 1,
+                    "pending": 0,
+                }
+                # The local event entered the bus under the seq the client saw.
+                assert await server.publish(t, "bus") == 2
+                assert [(m["seq"], m["data"]) for m in await events(ws, 1)] == [(2, "bus")]
+
+
+async def test_publish_now_is_for_node_local_topics_only(redis_url: str) -> None:
+    async with WirestateServer(_bus_settings(redis_url)) as server:
+        with pytest.raises(ValueError, match="use `await publish"):
+            server.publish_now(topic(), 1)
+        assert server.publish_now("system_status", {"ok": True}) >= 1
+        assert not server.bus.carries("clients")
+        assert server.bus.carries(topic())
