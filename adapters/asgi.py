@@ -71,18 +71,18 @@ import contextlib
 import enum
 import logging
 import secrets
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from contextlib import AbstractAsyncContextManager
 from typing import Any, Final, cast
 
 from websockets.asyncio.server import ServerConnection
 
-from wirestate.adapters.auth import OPEN, AuthError, Grants, origin_allowed, token_from_request
+from wirestate.adapters.auth import OPEN, Grants, token_from_request
 from wirestate.adapters.http import HttpRequest, HttpResponse, error_response
 from wirestate.adapters.server import (
     BINARY_MESSAGE,
     NOTHING,
+    Refusal,
     WirestateServer,
     _Client,
     _loopback,
@@ -290,32 +290,26 @@ class WirestateASGI:
             return  # gone before the upgrade was considered
         server = self.server
         if server.hub is None:
-            await _refuse(server, scope, send, 503, "not_started", NOT_STARTED + "\n")
+            await _refuse(server, scope, send, Refusal(503, "not_started", NOT_STARTED + "\n"))
             return
         if route_path(scope) != WS_PATH:
             await _deny(scope, send, 404, "no WebSocket endpoint here; connect to /ws\n")
             return
-        refusal = self._check(scope)
-        if refusal is not None:
-            await _refuse(server, scope, send, *refusal)
+        if _exposed(server, scope):
+            await _refuse(server, scope, send, Refusal(403, "open_mode", OPEN_MODE + "\n"))
             return
         headers = [(n.decode("latin-1"), v.decode("latin-1")) for n, v in scope["headers"]]
-        grants = OPEN
-        authenticating = False
-        auth = server.settings.auth
-        if server.auth.required:
-            query = scope.get("query_string", b"").decode("latin-1")
-            token = token_from_request(headers, f"?{query}")
-            if token is None and auth is not None and auth.first_message:
-                authenticating = True  # the token comes in the first message, in time
-            else:
-                try:
-                    grants = server.auth.authenticate(token, now=time.time())
-                except AuthError as exc:
-                    # The body names the reason only: never the token, never library text.
-                    text = f"unauthorized: {exc.reason}\n"
-                    await _refuse(server, scope, send, 401, "auth", text)
-                    return
+        query = scope.get("query_string", b"").decode("latin-1")
+        decision = server.upgrade_decision(
+            _ip(scope),
+            next((v for n, v in headers if n.lower() == "origin"), None),
+            lambda: token_from_request(headers, f"?{query}"),
+        )
+        if isinstance(decision, Refusal):
+            await _deny(scope, send, decision.status, decision.text)
+            return
+        grants = decision if decision is not None else OPEN
+        authenticating = decision is None  # the token comes in the first message, in time
         task = asyncio.current_task()
         assert task is not None
         server._handlers.add(task)  # stop() waits for this handler
@@ -331,29 +325,6 @@ class WirestateASGI:
             await self._serve(scope, receive, send, grants, authenticating)
         finally:
             server._handlers.discard(task)
-
-    def _check(self, scope: Scope) -> tuple[int, str, str] | None:
-        """The refusal of an upgrade, as (status, reason, body), or None to let it in
-        (authentication apart)."""
-        server = self.server
-        limits = server.settings.limits
-        if server._closing:
-            return 503, "shutting_down", "shutting down\n"
-        if _exposed(server, scope):
-            return 403, "open_mode", OPEN_MODE + "\n"
-        if len(server._clients) >= limits.max_connections:
-            return 503, "max_connections", "too many connections\n"
-        if server._per_ip.get(_ip(scope), 0) >= limits.max_connections_per_ip:
-            return 429, "max_connections_per_ip", "too many connections\n"
-        auth = server.settings.auth
-        if auth is not None:
-            origin = next(
-                (v.decode("latin-1") for n, v in scope["headers"] if n.lower() == b"origin"),
-                None,
-            )
-            if not origin_allowed(origin, auth.allowed_origins):
-                return 403, "origin", "origin not allowed\n"
-        return None
 
     async def _serve(
         self, scope: Scope, receive: Receive, send: Send, grants: Grants, authenticating: bool
@@ -561,12 +532,9 @@ async def _respond(send: Send, response: HttpResponse, head_only: bool) -> None:
     await send({"type": "http.response.body", "body": b"" if head_only else response.body})
 
 
-async def _refuse(
-    server: WirestateServer, scope: Scope, send: Send, status: int, reason: str, text: str
-) -> None:
-    server.metrics.rejections[reason] += 1
-    log.info("upgrade refused", extra={"reason": reason, "status": status})
-    await _deny(scope, send, status, text)
+async def _refuse(server: WirestateServer, scope: Scope, send: Send, refusal: Refusal) -> None:
+    server.refused(refusal)
+    await _deny(scope, send, refusal.status, refusal.text)
 
 
 async def _deny(scope: Scope, send: Send, status: int, text: str) -> None:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import ipaddress
 import logging
@@ -152,6 +153,16 @@ class _Client:
         self.ws.transport.abort()
         if self.writer is not None:
             self.writer.cancel()
+
+
+@dataclasses.dataclass(frozen=True)
+class Refusal:
+    """An upgrade refused before it was accepted: the HTTP status, the reason counted in
+    ``wirestate_connections_rejected_total{reason}``, and the body (the reason only)."""
+
+    status: int
+    reason: str
+    text: str
 
 
 def hub_config(settings: Settings) -> HubConfig:
@@ -441,34 +452,57 @@ class WirestateServer:
     def _process_request(self, ws: ServerConnection, request: Request) -> Response | None:
         if request.path.split("?", 1)[0] != "/ws":
             return ws.respond(404, "no WebSocket endpoint here; connect to /ws\n")
-        limits = self.settings.limits
-        if self._closing:
-            return self._refuse(ws, 503, "shutting_down", "shutting down\n")
-        if len(self._clients) >= limits.max_connections:
-            return self._refuse(ws, 503, "max_connections", "too many connections\n")
-        ip = _ip(ws)
-        if self._per_ip.get(ip, 0) >= limits.max_connections_per_ip:
-            return self._refuse(ws, 429, "max_connections_per_ip", "too many connections\n")
-        auth = self.settings.auth
-        if auth is not None and not origin_allowed(
-            request.headers.get("Origin"), auth.allowed_origins
-        ):
-            return self._refuse(ws, 403, "origin", "origin not allowed\n")
-        if self.auth.required:
-            token = token_from_request(request.headers.raw_items(), request.path)
-            if token is None and auth is not None and auth.first_message:
-                return None  # the token comes in the first message, within a deadline
-            try:
-                self._grants[ws] = self.auth.authenticate(token, now=time.time())
-            except AuthError as exc:
-                # The body names the reason only: never the token, never the library's text.
-                return self._refuse(ws, 401, "auth", f"unauthorized: {exc.reason}\n")
+        decision = self.upgrade_decision(
+            _ip(ws),
+            request.headers.get("Origin"),
+            lambda: token_from_request(request.headers.raw_items(), request.path),
+        )
+        if isinstance(decision, Refusal):
+            return ws.respond(decision.status, decision.text)
+        if decision is not None:
+            self._grants[ws] = decision
         return None
 
-    def _refuse(self, ws: ServerConnection, status: int, reason: str, text: str) -> Response:
-        self.metrics.rejections[reason] += 1
-        log.info("upgrade refused", extra={"reason": reason, "status": status})
-        return ws.respond(status, text)
+    def upgrade_decision(
+        self, ip: str, origin: str | None, token: Callable[[], str | None]
+    ) -> Refusal | Grants | None:
+        """The checks before accepting an upgrade, the same for every transport, in order:
+        shutting down (503), total and per-IP connection limits (503, 429), the Origin
+        allowlist (403), the token (401). Returns the refusal (counted and logged), the
+        token's grants, or None when the token is to come in the first message."""
+        limits = self.settings.limits
+        refusal: Refusal | None = None
+        if self._closing:
+            refusal = Refusal(503, "shutting_down", "shutting down\n")
+        elif len(self._clients) >= limits.max_connections:
+            refusal = Refusal(503, "max_connections", "too many connections\n")
+        elif self._per_ip.get(ip, 0) >= limits.max_connections_per_ip:
+            refusal = Refusal(429, "max_connections_per_ip", "too many connections\n")
+        auth = self.settings.auth
+        if (
+            refusal is None
+            and auth is not None
+            and not origin_allowed(origin, auth.allowed_origins)
+        ):
+            refusal = Refusal(403, "origin", "origin not allowed\n")
+        if refusal is None and not self.auth.required:
+            return OPEN
+        if refusal is None:
+            value = token()
+            if value is None and auth is not None and auth.first_message:
+                return None  # the token comes in the first message, within a deadline
+            try:
+                return self.auth.authenticate(value, now=time.time())
+            except AuthError as exc:
+                # The body names the reason only: never the token, never the library's text.
+                refusal = Refusal(401, "auth", f"unauthorized: {exc.reason}\n")
+        return self.refused(refusal)
+
+    def refused(self, refusal: Refusal) -> Refusal:
+        """Count and log a refused upgrade."""
+        self.metrics.rejections[refusal.reason] += 1
+        log.info("upgrade refused", extra={"reason": refusal.reason, "status": refusal.status})
+        return refusal
 
     async def _handle(self, ws: ServerConnection) -> None:
         hub = self._need_hub()
