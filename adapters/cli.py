@@ -119,6 +119,7 @@ def cmd_serve(args: argparse.Namespace, stdout: TextIO) -> int:
         "server.close_timeout": args.close_timeout,
         "server.certfile": args.certfile,
         "server.keyfile": args.keyfile,
+        "server.loop": args.loop,
     }
     try:
         settings = load_settings(args.config, {k: v for k, v in overrides.items() if v is not None})
@@ -126,8 +127,19 @@ def cmd_serve(args: argparse.Namespace, stdout: TextIO) -> int:
         sys.stderr.write(f"wirestate serve: invalid configuration:\n{exc}\n")
         return 2
     configure_logging(args.log_format, args.log_level)
+    loop_factory = None
+    if settings.server.loop == "uvloop":
+        try:
+            import uvloop
+        except ImportError:
+            sys.stderr.write(
+                "wirestate serve: loop = uvloop needs uvloop: pip install 'wirestate[fast]'\n"
+            )
+            return 2
+        loop_factory = uvloop.new_event_loop
     try:
-        return asyncio.run(run(settings))
+        with asyncio.Runner(loop_factory=loop_factory) as runner:
+            return runner.run(run(settings))
     except ValueError as exc:  # a refusal to start that says what to change (open mode)
         sys.stderr.write(f"wirestate serve: {exc}\n")
         return 2
@@ -255,6 +267,7 @@ def parser() -> argparse.ArgumentParser:
     srv.add_argument("--close-timeout", type=float, help="seconds to close a client (5)")
     srv.add_argument("--certfile", type=Path, help="PEM certificate: serve wss:// and https://")
     srv.add_argument("--keyfile", type=Path, help="PEM private key of --certfile")
+    srv.add_argument("--loop", choices=("asyncio", "uvloop"), help="event loop (default asyncio)")
     srv.add_argument("--log-format", choices=("text", "json"), default="text")
     srv.add_argument("--log-level", default="INFO")
     srv.set_defaults(func=cmd_serve)

@@ -286,6 +286,10 @@ class Hub:
         out, self._actions = self._actions, []
         return out
 
+    def has_ready(self) -> bool:
+        """Whether some client's outbox became non-empty since the last ``take_ready``."""
+        return bool(self._ready)
+
     def take_ready(self) -> list[str]:
         """Drain the ids of clients whose outbox became non-empty (may repeat an id)."""
         out, self._ready = self._ready, []

@@ -107,6 +107,13 @@ class ServerSettings(_Section):
     #: is extended instead of blamed on the peer. Well above scheduling jitter, well below
     #: any sane ping_timeout.
     loop_stall_threshold: Seconds = 0.5
+    #: The event loop of `wirestate serve`: "asyncio", or "uvloop" (`pip install
+    #: 'wirestate[fast]'`), whose transports cost less per write (bench/README.md).
+    loop: Literal["asyncio", "uvloop"] = "asyncio"
+    #: `wirestate serve` only: after start-up, move every object alive then out of the
+    #: cyclic GC's reach (`gc.freeze()`), so collections only walk what connections and
+    #: events allocate.
+    gc_freeze: bool = True
 
     @model_validator(mode="after")
     def _tls_pair(self) -> ServerSettings:

@@ -580,3 +580,59 @@ async def test_connection_limits_refuse_the_upgrade(
         await until(lambda: server.hub is not None and len(server.hub.clients) == 0)
         third = await client(server)
         await third.close()
+
+
+# -- performance-shaped behaviour ----------------------------------------------------------
+
+
+async def test_events_published_in_one_loop_iteration_leave_in_one_write(
+    hub: WirestateServer,
+) -> None:
+    ws = await client(hub, "burst")
+    (server_side,) = hub._clients.values()
+    transport = server_side.ws.transport
+    writes: list[bytes] = []
+    real_write = transport.write
+
+    def counting_write(data: Any) -> None:
+        writes.append(bytes(data))
+        real_write(data)
+
+    transport.write = counting_write  # type: ignore[method-assign]
+    for i in range(5):  # no await between them: one loop iteration
+        hub.publish_now("burst", {"i": i})
+    got = [await recv(ws) for _ in range(5)]
+    assert [m["seq"] for m in got] == [1, 2, 3, 4, 5]
+    assert len(writes) == 1  # five frames, one transport write
+    await ws.close()
+
+
+async def test_serve_runs_on_uvloop_when_asked(tmp_path: Path) -> None:
+    pytest.importorskip("uvloop")
+    port = _free_port()
+    exe = Path(sys.executable).with_name("wirestate")
+    proc = subprocess.Popen(  # noqa: ASYNC220 - started once, waited on in a thread
+        [str(exe), "serve", "--port", str(port), "--loop", "uvloop", "--log-format", "json"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        url = f"ws://127.0.0.1:{port}/ws"
+        ws = None
+        async with asyncio.timeout(WAIT):
+            while ws is None:
+                try:
+                    ws = await connect(url, ping_interval=None)
+                except OSError:
+                    await asyncio.sleep(0.05)
+        assert (await recv(ws))["type"] == "welcome"
+        await ws.close()
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(proc.wait, WAIT) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+    logs = [orjson.loads(line) for line in proc.stderr.read().splitlines() if line.strip()]  # type: ignore[union-attr]
+    assert any(line.get("msg") == "listening" for line in logs)
+    assert any(line.get("loop") == "uvloop" for line in logs)

@@ -733,3 +733,12 @@ def test_connection_repr_names_client_and_state() -> None:
 
 def test_next_deadline_is_none_with_nothing_armed() -> None:
     assert Hub().next_deadline() is None
+
+
+def test_has_ready_says_whether_an_outbox_filled_since_the_last_take() -> None:
+    hub = Hub(epoch="e")
+    conn = hub.connect("c", 0.0)
+    hub.accept(conn, 0.0)
+    assert hub.has_ready()  # the welcome
+    hub.take_ready()
+    assert not hub.has_ready()
