@@ -5,10 +5,11 @@ Rules of this module (STYLE.md rules 7-9; DESIGN.md "The core speaks in decision
 * Every input goes to the core with ``loop.time()``; after each, ``_dispatch`` performs the
   actions the core decided (ping, close, abort), wakes the writers whose outbox filled, and
   re-arms the ticker. The adapter decides no policy.
-* Per connection one ``TaskGroup`` runs the reader and the writer; the writer is the only
-  task that writes to the socket (frames, protocol pings, the close frame). Each pump
+* Per connection the handler's task runs the reader and joins a writer task (``_join``: a
+  task group of two, without a ``TaskGroup``'s memory); the writer is the only code that
+  writes to the socket outside a flush (frames, protocol pings, the close frame). Each pump
   reports its own end to the core from its ``finally``; the handler's ``finally`` is the one
-  place that unregisters, after the task group has ended, so both pumps have finished.
+  place that unregisters, after ``_join`` returned, so both pumps have finished.
 * The writer drains the whole outbox and writes every frame in one transport write, under a
   timeout: a peer that stopped reading cannot block it (websockets' keepalive and
   ``close()`` both hang on a full write buffer; tech-notes section 6), and is aborted.
@@ -57,6 +58,8 @@ from wirestate.adapters.auth import (
     token_from_request,
 )
 from wirestate.adapters.bus import BusUnavailable, MemoryBus, RedisBus
+from wirestate.adapters.dashboard import Dashboard
+from wirestate.adapters.dashboard import snapshot as dashboard_snapshot
 from wirestate.adapters.http import (
     HttpApp,
     HttpRequest,
@@ -536,13 +539,16 @@ class WirestateServer:
             hub.start(conn, self._now())
             log.info("connected", extra={"client_id": cid, "peer": _peer(ws)})
             self._dispatch()
-            # The reader runs in this handler's own task (one task fewer per connection);
-            # the group owns the writer and waits for it when the reader is done.
-            async with asyncio.TaskGroup() as tg:
-                client.writer = tg.create_task(self._writer(client), name=f"writer-{cid}")
-                await self._reader(client)
+            # The reader runs in this handler's own task (one task fewer per connection),
+            # the writer in its own; the handler waits for the writer when the reader is
+            # done, as a task group would (without one's ~0.5 KiB per idle connection).
+            writer = asyncio.get_running_loop().create_task(
+                self._writer(client), name=f"writer-{cid}"
+            )
+            client.writer = writer
+            await _join(self._reader(client), writer)
         finally:
-            # The task group has ended: both pumps have reported their end.
+            # _join has returned: both pumps have reported their end.
             if conn.state is ConnState.REGISTERING:  # the pumps never started
                 hub.close(conn, CloseCause.SHUTDOWN, self._now())
             hub.unregister(conn, self._now())
@@ -866,12 +872,31 @@ class WirestateServer:
     # -- HTTP ------------------------------------------------------------------------------
 
     def _http_app(self) -> HttpApp:
-        return (
+        router = (
             Router()
             .get("/healthz", self._healthz)
             .get("/readyz", self._readyz)
             .get("/metrics", self._metrics)
             .post("/publish", self._http_publish)
+        )
+        # GET /, /static/<asset> and /api/snapshot: the live dashboard
+        return Dashboard(self.dashboard_snapshot, self.auth).mount(router)
+
+    def dashboard_snapshot(
+        self, visible: Callable[[str], bool] = lambda topic: True
+    ) -> dict[str, Any] | None:
+        """What the dashboard shows now (``wirestate.adapters.dashboard.snapshot``), limited
+        to the topics ``visible`` accepts; None before the hub starts."""
+        if self.hub is None:
+            return None
+        return dashboard_snapshot(
+            self.hub,
+            self._now(),
+            pollers=self._pollers,
+            bus=self.bus.status(),
+            bus_breaker=self.bus.breaker if isinstance(self.bus, RedisBus) else None,
+            refused=self.metrics.rejections,
+            visible=visible,
         )
 
     async def _healthz(self, request: HttpRequest) -> HttpResponse:
@@ -1037,6 +1062,22 @@ def _paused(ws: ServerConnection) -> bool:
 
 def _open(ws: ServerConnection) -> bool:
     return ws.protocol.state is State.OPEN and not ws.transport.is_closing()
+
+
+async def _join(reader: Awaitable[None], writer: asyncio.Task[None]) -> None:
+    """Run the reader here, then wait for the writer: a task group of two. An error or a
+    cancellation of the reader (or of this wait) cancels the writer, and is re-raised once
+    the writer has ended; a writer that failed is logged, type only."""
+    try:
+        await reader
+        await asyncio.wait((writer,))
+    except BaseException:
+        writer.cancel()
+        await asyncio.wait((writer,))
+        raise
+    finally:
+        if writer.done() and not writer.cancelled() and writer.exception() is not None:
+            log.error("writer failed: %s", type(writer.exception()).__name__)
 
 
 def _read_end(exc: ConnectionClosed) -> tuple[CloseCause, int | None]:
