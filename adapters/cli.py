@@ -212,6 +212,51 @@ def cmd_fuzz(args: argparse.Namespace, stdout: TextIO) -> int:
         return 2
 
 
+def _per_second(text: str) -> float:
+    """A rate such as ``500`` or ``500/s``."""
+    number = text[:-2] if text.endswith("/s") else text
+    try:
+        value = float(number)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a rate (e.g. 500 or 500/s)") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def cmd_loadtest(args: argparse.Namespace, stdout: TextIO) -> int:
+    import asyncio
+
+    from wirestate.adapters.loadtest import LoadTestOptions, execute
+
+    options = LoadTestOptions(
+        url=args.url,
+        clients=args.clients,
+        duration=args.duration,
+        rate=args.rate,
+        topic=args.topic,
+        token=args.token,
+        ramp=args.ramp,
+        publishers=args.publishers,
+        concurrency=args.concurrency,
+    )
+    loop_factory = None
+    if args.loop == "uvloop":
+        try:
+            import uvloop
+        except ImportError:
+            sys.stderr.write(
+                "wirestate loadtest: --loop uvloop needs uvloop: pip install 'wirestate[fast]'\n"
+            )
+            return 2
+        loop_factory = uvloop.new_event_loop
+    try:
+        with asyncio.Runner(loop_factory=loop_factory) as runner:
+            return runner.run(execute(options, json_output=args.json, plot=args.plot, out=stdout))
+    except KeyboardInterrupt:
+        return 130
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="wirestate",
@@ -306,6 +351,44 @@ def parser() -> argparse.ArgumentParser:
     fz.add_argument("--seed", type=int, default=None, help="fixed seed (default: random)")
     fz.add_argument("--max-message-size", type=_count(1), default=65536)
     fz.set_defaults(func=cmd_fuzz)
+
+    lt = sub.add_parser(
+        "loadtest",
+        help="N subscribers and a paced publisher: throughput, latency, losses, disconnects",
+        description="Open N lean WebSocket connections (at most --concurrency handshakes in"
+        " flight), subscribe each to one topic, publish --rate events/s for --duration"
+        " seconds, then print throughput, latency p50/p90/p99/max, lost or duplicated"
+        " deliveries, connection failures by kind and disconnects by close code and cause."
+        " A progress line on stderr while it runs (a terminal, without --json). Exit 0 when"
+        " every delivery arrived and nothing failed, 1 otherwise (with the reason), 2 for bad"
+        " arguments. Note the server's [limits] max_connections_per_ip (default 1000),"
+        " which applies to loopback too.",
+    )
+    lt.add_argument("--url", required=True, help="e.g. ws://127.0.0.1:12080/ws")
+    lt.add_argument("--clients", type=_count(1), required=True, help="subscriber connections")
+    lt.add_argument("--duration", type=float, required=True, help="seconds of publishing")
+    lt.add_argument("--rate", type=_per_second, default=10.0, help="events/s (default 10)")
+    lt.add_argument("--topic", help="topic to use (default: a fresh loadtest.<hex> per run)")
+    lt.add_argument("--token", help="JWT sent as Authorization: Bearer (servers with [auth])")
+    lt.add_argument(
+        "--ramp", type=_per_second, help="open at most R connections per second (R or R/s)"
+    )
+    lt.add_argument(
+        "--publishers",
+        type=_count(1),
+        help="publisher connections (default: one per 40 events/s, under the server's"
+        " default of 50 inbound messages/s per connection)",
+    )
+    lt.add_argument("--concurrency", type=_count(1), default=200, help="handshakes in flight (200)")
+    lt.add_argument("--json", action="store_true", help="print one JSON object")
+    lt.add_argument(
+        "--plot",
+        type=Path,
+        metavar="FILE.png",
+        help="draw latency and throughput (pip install 'wirestate[plot]')",
+    )
+    lt.add_argument("--loop", choices=("asyncio", "uvloop"), help="event loop (default asyncio)")
+    lt.set_defaults(func=cmd_loadtest)
 
     schema = sub.add_parser("schema", help="print the JSON Schema of protocol v1")
     schema.add_argument("-o", "--output", help="write to FILE instead of standard output")
