@@ -1,0 +1,598 @@
+"""wirestate against its peers, side by side in one run: fan-out and connection scale.
+
+    python bench/peers.py [--sizes 100,1000,5000] [--runs 3] [--events 200]
+                          [--scale 1000,5000,10000,max] [--json bench/results/peers.json]
+                          [--markdown bench/results/peers.md] [--loop asyncio|uvloop]
+
+Every server under test runs in its own process pinned to CPU 0 (taskset), the load client
+in another pinned to CPU 1, compression off everywhere. The load client is
+``wirestate.adapters.leanws``: one asyncio protocol per connection that parses frames and
+answers pings, no task or future per message, so it costs less than the servers it loads.
+
+Servers (``--modes``):
+
+* ``wirestate``: ``WirestateServer`` as shipped (bounded outboxes, seq, history, keep-alive
+  on); events go through ``publish_now``, as an embedding application's would;
+* ``ws_broadcast``: a plain websockets server calling ``broadcast()`` (no backpressure);
+* ``ws_send``: a plain websockets server doing ``await ws.send()`` per connection;
+* ``socketio``: python-socketio (aiohttp) emitting to a room everyone joined.
+
+Fan-out, per server and subscriber count N, two phases:
+
+* ``flat``: M ~200-byte events published as fast as the server can, ``--burst`` per loop
+  iteration (default 1: the worst case for wirestate's per-iteration write coalescing,
+  nothing to coalesce; several publishers or a bus batch make bursts);
+* ``paced``: 10,000 deliveries/s (10,000/N events per second) for 3 s.
+
+Figures: deliveries/s (first publish to last receive), server CPU microseconds per delivery
+(the server process's own CPU time from the first publish until every byte left its
+buffers: meaningful even when the client is the bottleneck), publish-to-receive latency
+p50/p99/max (CLOCK_MONOTONIC, shared by both processes).
+
+Connection scale, per server (wirestate and ws_broadcast) and K: K idle connections opened
+200 at a time; handshakes/s (client side, first connect to last welcome) and the server's RSS
+growth per connection once all K are held.
+
+Medians over ``--runs`` runs, the servers interleaved within each run so that drift hits them
+alike; the ratios are wirestate / peer from the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import resource
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve()
+PAD = "x" * 120  # with the other fields, a ~200-byte event frame
+TOPIC = "bench"
+PACED_DELIVERIES = 10_000
+PACED_SECONDS = 3.0
+
+
+def _rss_kib() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def _raise_nofile() -> int:
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return hard
+
+
+def _emit(obj: dict[str, Any]) -> None:
+    print(json.dumps(obj), flush=True)
+
+
+# --------------------------------------------------------------------------- servers
+
+
+class _Target:
+    """The server side of one mode: waits for subscribers, publishes, says when flushed."""
+
+    async def start(self, port: int) -> None: ...
+    def subscribers(self) -> int: ...
+    def connections(self) -> int:
+        return self.subscribers()
+    async def publish(self, data: dict[str, Any]) -> None: ...
+    def flushed(self) -> bool: ...
+    async def stop(self) -> None: ...
+
+
+class _Wirestate(_Target):
+    async def start(self, port: int) -> None:
+        from wirestate.adapters.server import WirestateServer
+        from wirestate.models.settings import Settings
+
+        settings = Settings.model_validate(
+            {
+                "server": {"port": port, "send_queue_size": 1024},
+                "limits": {"max_connections": 100_000, "max_connections_per_ip": 100_000},
+            }
+        )
+        self.server = WirestateServer(settings, epoch="bench")
+        await self.server.start()
+
+    def subscribers(self) -> int:
+        hub = self.server.hub
+        topic = hub.topics.get(TOPIC) if hub is not None else None
+        return len(topic.subscribers) if topic is not None else 0
+
+    def connections(self) -> int:
+        return len(self.server._clients)
+
+    async def publish(self, data: dict[str, Any]) -> None:
+        self.server.publish_now(TOPIC, data)
+
+    def flushed(self) -> bool:
+        hub = self.server.hub
+        assert hub is not None
+        return not any(c.outbox for c in hub.clients.values()) and not any(
+            c.ws.transport.get_write_buffer_size() for c in self.server._clients.values()
+        )
+
+    async def stop(self) -> None:
+        await self.server.stop()
+
+
+class _Websockets(_Target):
+    def __init__(self, broadcast: bool) -> None:
+        self.use_broadcast = broadcast
+        self.conns: set[Any] = set()
+
+    async def start(self, port: int) -> None:
+        from websockets.asyncio.server import serve
+
+        async def handler(ws: Any) -> None:
+            self.conns.add(ws)
+            try:
+                await ws.wait_closed()
+            finally:
+                self.conns.discard(ws)
+
+        self.ws = await serve(handler, "127.0.0.1", port, compression=None, ping_interval=None)
+
+    def subscribers(self) -> int:
+        return len(self.conns)
+
+    async def publish(self, data: dict[str, Any]) -> None:
+        import orjson
+        from websockets.asyncio.server import broadcast
+
+        self.seq = getattr(self, "seq", 0) + 1
+        frame = orjson.dumps({"type": "event", "topic": TOPIC, "seq": self.seq, "data": data})
+        text = frame.decode()
+        if self.use_broadcast:
+            broadcast(self.conns, text)
+        else:
+            await asyncio.gather(*(ws.send(text) for ws in list(self.conns)))
+
+    def flushed(self) -> bool:
+        return not any(ws.transport.get_write_buffer_size() for ws in self.conns)
+
+    async def stop(self) -> None:
+        self.ws.close()
+        await self.ws.wait_closed()
+
+
+class _SocketIO(_Target):
+    async def start(self, port: int) -> None:
+        import socketio
+        from aiohttp import web
+
+        self.sio = socketio.AsyncServer(async_mode="aiohttp", cors_allowed_origins="*")
+        self.members = 0
+
+        @self.sio.event  # type: ignore[misc]
+        async def connect(sid: str, environ: Any) -> None:
+            await self.sio.enter_room(sid, TOPIC)
+            self.members += 1
+
+        @self.sio.event  # type: ignore[misc]
+        async def disconnect(sid: str, *args: Any) -> None:
+            self.members -= 1
+
+        app = web.Application()
+        self.sio.attach(app)
+        self.runner = web.AppRunner(app, access_log=None)
+        await self.runner.setup()
+        await web.TCPSite(self.runner, "127.0.0.1", port).start()
+
+    def subscribers(self) -> int:
+        return self.members
+
+    async def publish(self, data: dict[str, Any]) -> None:
+        await self.sio.emit("event", data, room=TOPIC)
+
+    def flushed(self) -> bool:
+        # Engine.IO queues each packet for a per-socket writer task: flushed when every
+        # queue is empty and every transport buffer too.
+        eio = self.sio.eio
+        for s in eio.sockets.values():
+            if not s.queue.empty():
+                return False
+        return all(t.done() for t in asyncio.all_tasks() if "emit" in repr(t.get_coro()))
+
+    async def stop(self) -> None:
+        await self.runner.cleanup()
+
+
+def _target(mode: str) -> _Target:
+    if mode == "wirestate":
+        return _Wirestate()
+    if mode == "ws_broadcast":
+        return _Websockets(broadcast=True)
+    if mode == "ws_send":
+        return _Websockets(broadcast=False)
+    if mode == "socketio":
+        return _SocketIO()
+    raise SystemExit(f"unknown mode {mode}")
+
+
+async def _serve(mode: str, port: int, n: int, events: int, scale: bool, burst: int) -> None:
+    _raise_nofile()
+    target = _target(mode)
+    await target.start(port)
+    rss0 = _rss_kib()
+    _emit({"listening": port})
+    joined = target.connections if scale else target.subscribers
+    async with asyncio.timeout(600):
+        while joined() < n:  # noqa: ASYNC110 - polled every 10 ms
+            await asyncio.sleep(0.01)
+    report: dict[str, Any] = {"rss_kib_per_conn": (_rss_kib() - rss0) / max(n, 1)}
+    if scale:
+        _emit(report)
+        await asyncio.sleep(1.0)  # the client still holds the sockets
+        await target.stop()
+        return
+    await asyncio.sleep(0.5)  # let the subscriptions settle
+    cpu0 = time.process_time()
+    for i in range(events):
+        await target.publish({"ph": "flat", "i": i, "t": time.monotonic(), "pad": PAD})
+        if (i + 1) % burst == 0:
+            await asyncio.sleep(0)
+    async with asyncio.timeout(300):
+        while not target.flushed():  # noqa: ASYNC110 - polled every ms
+            await asyncio.sleep(0.001)
+    report["cpu_s"] = time.process_time() - cpu0
+    await asyncio.sleep(1.0)  # the client drains the flat phase
+    rate = PACED_DELIVERIES / n
+    count = max(1, int(rate * PACED_SECONDS))
+    start = time.monotonic()
+    for i in range(count):
+        await asyncio.sleep(max(0.0, start + i / rate - time.monotonic()))
+        await target.publish({"ph": "paced", "i": i, "t": time.monotonic(), "pad": PAD})
+    report["paced_events"] = count
+    _emit(report)
+    await asyncio.sleep(2.0)
+    await target.stop()
+
+
+# --------------------------------------------------------------------------- load client
+
+
+async def _load(mode: str, port: int, n: int, events: int, paced: int, scale: bool) -> None:
+    import orjson
+
+    from wirestate.adapters import leanws
+
+    _raise_nofile()
+    lat: dict[str, list[float]] = {"flat": [], "paced": []}
+    last = {"flat": 0.0, "paced": 0.0}
+    first_t = {"flat": 0.0, "paced": 0.0}
+    want = {"flat": n * events, "paced": n * paced}
+    done = {"flat": asyncio.Event(), "paced": asyncio.Event()}
+    loads = orjson.loads
+    conns: list[Any] = []
+
+    def on_event(data: dict[str, Any]) -> None:
+        now = time.monotonic()
+        ph = data["ph"]
+        got = lat[ph]
+        if not got:
+            first_t[ph] = data["t"]
+        got.append(now - data["t"])
+        last[ph] = now
+        if len(got) >= want[ph]:
+            done[ph].set()
+
+    welcomed = 0
+    all_in = asyncio.Event()
+
+    def make_handler(conn_box: list[Any]) -> Any:
+        def on_text(payload: bytes) -> None:
+            nonlocal welcomed
+            if mode == "socketio":
+                if payload[:2] == b"42":
+                    on_event(loads(payload[2:])[1])
+                elif payload[:1] == b"0":
+                    conn_box[0].send_text(b"40")
+                elif payload[:2] == b"40":
+                    welcomed += 1
+                    if welcomed == n:
+                        all_in.set()
+                elif payload == b"2":
+                    conn_box[0].send_text(b"3")
+                return
+            if mode == "wirestate":
+                if payload.startswith(b'{"type":"event"'):
+                    on_event(loads(payload)["data"])
+                elif payload.startswith(b'{"type":"welcome"'):
+                    if not scale:
+                        conn_box[0].send_text(b'{"type":"subscribe","topics":["bench"]}')
+                    else:
+                        welcomed += 1
+                        if welcomed == n:
+                            all_in.set()
+                elif payload.startswith(b'{"type":"subscribed"'):
+                    welcomed += 1
+                    if welcomed == n:
+                        all_in.set()
+                return
+            on_event(loads(payload)["data"])
+
+        return on_text
+
+    path = {
+        "wirestate": "/ws",
+        "socketio": "/socket.io/?EIO=4&transport=websocket",
+    }.get(mode, "/")
+    sem = asyncio.Semaphore(200)
+
+    async def one() -> None:
+        nonlocal welcomed
+        box: list[Any] = [None]
+        async with sem:
+            for attempt in range(50):
+                try:
+                    conn = await leanws.connect(
+                        "127.0.0.1", port, path, on_text=make_handler(box), timeout=30
+                    )
+                    break
+                except OSError:
+                    await asyncio.sleep(0.05 * (attempt + 1))
+            else:
+                raise SystemExit("could not connect")
+        box[0] = conn
+        conns.append(conn)
+        if mode in ("ws_broadcast", "ws_send"):
+            welcomed += 1
+            if welcomed == n:
+                all_in.set()
+
+    t0 = time.monotonic()
+    await asyncio.gather(*(one() for _ in range(n)))
+    async with asyncio.timeout(300):
+        await all_in.wait()
+    report: dict[str, Any] = {"handshakes_per_s": n / (time.monotonic() - t0)}
+    if scale:
+        _emit(report)
+        await asyncio.sleep(2.0)  # held while the server measures
+        for c in conns:
+            c.abort()
+        return
+    for ph in ("flat", "paced"):
+        try:
+            async with asyncio.timeout(120):
+                await done[ph].wait()
+        except TimeoutError:
+            pass
+        got = sorted(lat[ph])
+        span = max(last[ph] - first_t[ph], 1e-9)
+        report[ph] = {
+            "received": len(got),
+            "expected": want[ph],
+            "deliveries_per_s": len(got) / span,
+            "p50_ms": got[len(got) // 2] * 1e3 if got else None,
+            "p99_ms": got[int(len(got) * 0.99)] * 1e3 if got else None,
+            "max_ms": got[-1] * 1e3 if got else None,
+        }
+    _emit(report)
+    for c in conns:
+        c.abort()
+
+
+# --------------------------------------------------------------------------- orchestration
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _pinned(cpu: int, loop: str, *args: str) -> list[str]:
+    base = [sys.executable, str(HERE), "--loop", loop, *args]
+    return ["taskset", "-c", str(cpu), *base] if shutil.which("taskset") else base
+
+
+def one_run(
+    mode: str, n: int, events: int, scale: bool, loop: str, burst: int = 1
+) -> dict[str, Any]:
+    port = _free_port()
+    paced = max(1, int(PACED_DELIVERIES / n * PACED_SECONDS))
+    flags = ["--mode", mode, "--port", str(port), "-n", str(n), "--events", str(events)]
+    flags += ["--paced", str(paced), "--burst", str(burst)] + (["--scale-run"] if scale else [])
+    server = subprocess.Popen(
+        _pinned(0, loop, "--role", "server", *flags), stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert server.stdout is not None
+        json.loads(server.stdout.readline())  # listening
+        client = subprocess.run(
+            _pinned(1, loop, "--role", "client", *flags),
+            capture_output=True,
+            text=True,
+            timeout=900,
+            check=True,
+        )
+        out, _ = server.communicate(timeout=300)
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+    result: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
+    result.update(json.loads(client.stdout.strip().splitlines()[-1]))
+    if not scale:
+        result["us_per_delivery"] = result["cpu_s"] / (n * events) * 1e6
+    return result
+
+
+def _median(values: list[float | None]) -> float | None:
+    real = [v for v in values if v is not None]
+    return statistics.median(real) if real else None
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--role", choices=("orchestrate", "server", "client"), default="orchestrate")
+    ap.add_argument("--mode", default="wirestate")
+    ap.add_argument("--modes", default="wirestate,ws_broadcast,ws_send,socketio")
+    ap.add_argument("--port", type=int, default=0)
+    ap.add_argument("-n", type=int, default=1000)
+    ap.add_argument("--events", type=int, default=200)
+    ap.add_argument("--paced", type=int, default=30)
+    ap.add_argument("--sizes", default="100,1000,5000")
+    ap.add_argument("--scale", default="1000,5000,10000,max")
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument(
+        "--burst", type=int, default=1, help="flat phase: events published per loop iteration"
+    )
+    ap.add_argument("--loop", choices=("asyncio", "uvloop"), default="asyncio")
+    ap.add_argument("--scale-run", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--json", type=Path)
+    ap.add_argument("--markdown", type=Path)
+    args = ap.parse_args()
+    if args.loop == "uvloop":
+        import uvloop
+
+        uvloop.install()
+    if args.role == "server":
+        asyncio.run(_serve(args.mode, args.port, args.n, args.events, args.scale_run, args.burst))
+        return 0
+    if args.role == "client":
+        asyncio.run(_load(args.mode, args.port, args.n, args.events, args.paced, args.scale_run))
+        return 0
+
+    hard = _raise_nofile()
+    modes = [m for m in args.modes.split(",") if m]
+    sizes = [int(s) for s in args.sizes.split(",") if s]
+    scale_sizes = [(hard - 1000) if s == "max" else int(s) for s in args.scale.split(",") if s]
+    fan: dict[str, dict[int, list[dict[str, Any]]]] = {m: {n: [] for n in sizes} for m in modes}
+    scale: dict[str, dict[int, list[dict[str, Any]]]] = {
+        m: {k: [] for k in scale_sizes} for m in ("wirestate", "ws_broadcast")
+    }
+    for r in range(args.runs):
+        for n in sizes:
+            for mode in modes:
+                events = max(20, args.events * 1000 // max(n, 1000))  # ~200k deliveries max
+                res = one_run(mode, n, events, scale=False, loop=args.loop, burst=args.burst)
+                fan[mode][n].append(res)
+                print(
+                    f"run {r + 1} N={n} {mode}: {res['us_per_delivery']:.2f} us/delivery,"
+                    f" flat {res['flat']['deliveries_per_s']:,.0f}/s"
+                    f" p99 {res['paced']['p99_ms']:.1f} ms paced",
+                    file=sys.stderr,
+                    flush=True,
+                )
+        for k in scale_sizes:
+            for mode in scale:
+                res = one_run(mode, k, 0, scale=True, loop=args.loop)
+                scale[mode][k].append(res)
+                print(
+                    f"run {r + 1} K={k} {mode}: {res['handshakes_per_s']:,.0f} handshakes/s,"
+                    f" {res['rss_kib_per_conn']:.2f} KiB/conn",
+                    file=sys.stderr,
+                    flush=True,
+                )
+    report: dict[str, Any] = {
+        "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0], "loop": args.loop},
+        "burst": args.burst,
+        "runs": args.runs,
+        "fanout": {},
+        "scale": {},
+    }
+    for mode in modes:
+        for n in sizes:
+            rs = fan[mode][n]
+            report["fanout"].setdefault(str(n), {})[mode] = {
+                "us_per_delivery": _median([x["us_per_delivery"] for x in rs]),
+                "flat_deliveries_per_s": _median([x["flat"]["deliveries_per_s"] for x in rs]),
+                "flat_p50_ms": _median([x["flat"]["p50_ms"] for x in rs]),
+                "flat_p99_ms": _median([x["flat"]["p99_ms"] for x in rs]),
+                "paced_p50_ms": _median([x["paced"]["p50_ms"] for x in rs]),
+                "paced_p99_ms": _median([x["paced"]["p99_ms"] for x in rs]),
+                "paced_max_ms": _median([x["paced"]["max_ms"] for x in rs]),
+                "lost": sum(
+                    x[ph]["expected"] - x[ph]["received"] for x in rs for ph in ("flat", "paced")
+                ),
+            }
+    for mode in scale:
+        for k in scale_sizes:
+            rs = scale[mode][k]
+            report["scale"].setdefault(str(k), {})[mode] = {
+                "handshakes_per_s": _median([x["handshakes_per_s"] for x in rs]),
+                "rss_kib_per_conn": _median([x["rss_kib_per_conn"] for x in rs]),
+            }
+    for row in report["fanout"].values():
+        w = row.get("wirestate")
+        if w is None:
+            continue
+        row["ratios"] = {
+            peer: {
+                "cpu": w["us_per_delivery"] / row[peer]["us_per_delivery"],
+                "paced_p99": w["paced_p99_ms"] / row[peer]["paced_p99_ms"],
+            }
+            for peer in row
+            if peer != "wirestate" and peer != "ratios"
+        }
+    for row in report["scale"].values():
+        row["ratios"] = {
+            "handshakes": row["wirestate"]["handshakes_per_s"]
+            / row["ws_broadcast"]["handshakes_per_s"],
+            "rss": row["wirestate"]["rss_kib_per_conn"] / row["ws_broadcast"]["rss_kib_per_conn"],
+        }
+    md = markdown(report)
+    print(md)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    if args.markdown:
+        args.markdown.write_text(md)
+    return 0
+
+
+def markdown(report: dict[str, Any]) -> str:
+    lines = [
+        "| N | server | CPU us/delivery | flat deliveries/s | flat p50 / p99 ms |"
+        " paced p50 / p99 / max ms | lost | CPU vs wirestate |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for n, row in report["fanout"].items():
+        w = row.get("wirestate")
+        for mode, m in row.items():
+            if mode == "ratios":
+                continue
+            ratio = (
+                ""
+                if w is None or mode == "wirestate"
+                else (f"{w['us_per_delivery'] / m['us_per_delivery']:.2f}x")
+            )
+            lines.append(
+                f"| {int(n):,} | {mode} | {m['us_per_delivery']:.2f} |"
+                f" {m['flat_deliveries_per_s']:,.0f} |"
+                f" {m['flat_p50_ms']:.1f} / {m['flat_p99_ms']:.1f} |"
+                f" {m['paced_p50_ms']:.1f} / {m['paced_p99_ms']:.1f} / {m['paced_max_ms']:.1f} |"
+                f" {m['lost']} | {ratio} |"
+            )
+    lines += [
+        "",
+        "| K idle connections | server | handshakes/s | RSS KiB/connection |",
+        "|---:|---|---:|---:|",
+    ]
+    for k, row in report["scale"].items():
+        for mode, m in row.items():
+            if mode == "ratios":
+                continue
+            lines.append(
+                f"| {int(k):,} | {mode} | {m['handshakes_per_s']:,.0f} |"
+                f" {m['rss_kib_per_conn']:.2f} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
