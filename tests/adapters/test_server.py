@@ -636,3 +636,33 @@ async def test_serve_runs_on_uvloop_when_asked(tmp_path: Path) -> None:
     logs = [orjson.loads(line) for line in proc.stderr.read().splitlines() if line.strip()]  # type: ignore[union-attr]
     assert any(line.get("msg") == "listening" for line in logs)
     assert any(line.get("loop") == "uvloop" for line in logs)
+
+
+async def test_a_fan_out_yields_between_chunks_and_late_clients_get_more_per_write(
+    hub: WirestateServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from wirestate.adapters import server as server_module
+
+    monkeypatch.setattr(server_module, "FLUSH_CHUNK", 2)
+    socks = [await client(hub, "fan") for _ in range(4)]
+    writes: dict[str, int] = {}
+    for cid, side in hub._clients.items():
+        transport = side.ws.transport
+        real = transport.write
+
+        def counting(data: Any, cid: str = cid, real: Any = real) -> None:
+            writes[cid] = writes.get(cid, 0) + 1
+            real(data)
+
+        transport.write = counting  # type: ignore[method-assign]
+    hub.publish_now("fan", 1)
+    await asyncio.sleep(0)  # the flush reaches the first two clients, then lets us run
+    assert sorted(writes.values()) == [1, 1]
+    hub.publish_now("fan", 2)
+    for ws in socks:
+        assert [(await recv(ws))["data"] for _ in range(2)] == [1, 2]
+    # The first two got the events in two writes; the last two, reached after the second
+    # publish, got both in one.
+    assert sorted(writes.values()) == [1, 1, 2, 2]
+    for ws in socks:
+        await ws.close()
