@@ -268,9 +268,8 @@ class HttpServerConnection(ServerConnection):
             )
         super().__init__(*args, **kwargs)
         self._mode = _Mode.UNDECIDED
-        self._parser: h11.Connection | None = h11.Connection(
-            h11.SERVER, max_incomplete_event_size=s.max_head
-        )
+        #: made on the first head that is not plainly an upgrade (``_sniff``)
+        self._parser: h11.Connection | None = None
         self._head = bytearray()  # raw bytes of the undecided head, for websockets
         self._first: h11.Request | None = None  # the head that decided HTTP
         self._bad_head = False  # the first head was malformed
@@ -288,8 +287,8 @@ class HttpServerConnection(ServerConnection):
             super().data_received(data)
             return
         parser = self._parser
-        assert parser is not None
         if mode is _Mode.HTTP:
+            assert parser is not None
             if self._lingering:
                 return  # discarded: the answer is sent, only the peer's EOF matters
             parser.receive_data(data)
@@ -298,7 +297,19 @@ class HttpServerConnection(ServerConnection):
                 self.transport.pause_reading()
             return
         self._head += data
-        parser.receive_data(data)
+        if parser is None:
+            verdict = self._sniff()
+            if verdict is None:
+                return  # the head is not complete yet
+            if verdict:
+                self._upgrade()
+                return
+            parser = self._parser = h11.Connection(
+                h11.SERVER, max_incomplete_event_size=self.settings.max_head
+            )
+            parser.receive_data(bytes(self._head))
+        else:
+            parser.receive_data(data)
         try:
             event = parser.next_event()
         except h11.RemoteProtocolError:
@@ -307,11 +318,15 @@ class HttpServerConnection(ServerConnection):
         if event is h11.NEED_DATA:
             return  # h11 bounds the incomplete head by max_head
         if isinstance(event, h11.Request) and self._wants_websocket(event):
-            self._mode = _Mode.WEBSOCKET
-            head, self._head, self._parser = bytes(self._head), bytearray(), None
-            super().data_received(head)
+            self._upgrade()
             return
         self._choose_http(event if isinstance(event, h11.Request) else None)
+
+    def _upgrade(self) -> None:
+        """The head is a WebSocket upgrade: websockets takes it, and the connection."""
+        self._mode = _Mode.WEBSOCKET
+        head, self._head, self._parser = bytes(self._head), bytearray(), None
+        super().data_received(head)
 
     def eof_received(self) -> bool | None:  # type: ignore[override]
         # websockets' signature says None, asyncio's says bool | None: returning True keeps
@@ -374,6 +389,23 @@ class HttpServerConnection(ServerConnection):
             return False
         paths = self.settings.websocket_paths
         return paths is None or _split_target(request.target)[0] in paths
+
+    def _sniff(self) -> bool | None:
+        """The common upgrade, told without h11 (it costs a parse per connection): a
+        complete head ``GET <websocket path> HTTP/1.1`` with an ``Upgrade: websocket`` line.
+        True: it is one (websockets validates the rest); False: let h11 decide (anything
+        else, a malformed head included); None: the head is not complete yet."""
+        head = self._head
+        end = head.find(b"\r\n\r\n")
+        if end < 0:
+            return None if len(head) <= self.settings.max_head else False
+        line = bytes(head[: head.find(b"\r\n")]).split(b" ")
+        if len(line) != 3 or line[0] != b"GET" or line[2] != b"HTTP/1.1":
+            return False
+        paths = self.settings.websocket_paths
+        if paths is not None and _split_target(line[1])[0] not in paths:
+            return False
+        return b"\r\nupgrade: websocket\r\n" in bytes(head[: end + 2]).lower()
 
     def _choose_http(self, first: h11.Request | None) -> None:
         self._mode = _Mode.HTTP

@@ -621,6 +621,38 @@ async def test_websocket_paths_limit_the_upgrades(start: Start) -> None:
     assert plain.headers["upgrade"] == "websocket"
 
 
+async def test_a_plain_upgrade_skips_h11_and_an_unusual_one_goes_through_it(
+    start: Start, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import wirestate.adapters.http as http_module
+
+    made: list[object] = []
+    real = http_module.h11.Connection
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        made.append(args)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(http_module.h11, "Connection", counting)
+    port = _port(await start(websocket_paths=["/ws"]))
+    reader, writer = await _open(port)
+    try:
+        writer.write(_upgrade("/ws"))
+        assert (await _read_reply(reader)).status == 101
+    finally:
+        await _close(writer)
+    assert made == []  # told from the raw head: no parser per connection
+    # A head in another (valid) spelling is left to h11, which still finds the upgrade.
+    listed = _upgrade("/ws").replace(b"Upgrade: websocket", b"Upgrade:websocket")
+    reader, writer = await _open(port)
+    try:
+        writer.write(listed)
+        assert (await _read_reply(reader)).status == 101
+    finally:
+        await _close(writer)
+    assert len(made) == 1
+
+
 async def test_server_close_ends_idle_keep_alive_connections(start: Start) -> None:
     server = await start()  # request_timeout 5 s: only noticing the close ends it sooner
     reader, writer = await _open(_port(server))
