@@ -1106,6 +1106,27 @@ def _read_end(exc: ConnectionClosed) -> tuple[CloseCause, int | None]:
     return CloseCause.READ_ERROR, None
 
 
+#: The young generation's threshold under ``tune_gc`` (CPython's default is 700).
+GC_YOUNG = 10_000
+
+
+def tune_gc() -> None:
+    """The collector for many long-lived connections (bench/README.md has the figures):
+
+    * ``gc.freeze()`` after start-up: everything alive then (modules, settings, the hub)
+      lives as long as the process; no collection walks it again;
+    * a young generation of 10,000 allocations instead of 700: a handshake allocates a few
+      hundred objects that mostly die young, and fewer young collections promote fewer of
+      them to the old generations, whose collections walk every live connection.
+
+    At 5,000 connections this took handshakes/s from 0.74x to 0.9x a plain websockets
+    server's (which gains as much from the same tuning: it is not wirestate-specific)."""
+    gc.collect()
+    gc.freeze()
+    _, middle, old = gc.get_threshold()
+    gc.set_threshold(GC_YOUNG, middle, old)
+
+
 async def run(settings: Settings) -> int:
     """Serve until SIGINT or SIGTERM, then shut down gracefully; returns the exit status."""
     server = WirestateServer(settings)
@@ -1114,13 +1135,8 @@ async def run(settings: Settings) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     async with server:
-        if settings.server.gc_freeze:
-            # Everything alive now (modules, settings, the hub) lives as long as the process:
-            # keep it out of every later collection, so a collection costs what connections
-            # and events allocate, not what the start-up left. The service only: a library
-            # does not reach into its host's collector.
-            gc.collect()
-            gc.freeze()
+        if settings.server.gc_tune:
+            tune_gc()  # the service only: a library does not reach into its host's collector
         await stop.wait()
         log.info("signal received, shutting down")
     return 0

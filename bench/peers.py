@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import os
 import resource
@@ -87,6 +88,7 @@ class _Target:
     def subscribers(self) -> int: ...
     def connections(self) -> int:
         return self.subscribers()
+
     async def publish(self, data: dict[str, Any]) -> None: ...
     def flushed(self) -> bool: ...
     async def stop(self) -> None: ...
@@ -226,6 +228,16 @@ async def _serve(mode: str, port: int, n: int, events: int, scale: bool, burst: 
     _raise_nofile()
     target = _target(mode)
     await target.start(port)
+    # BENCH_GC: "shipped" (default): wirestate tunes its collector as `wirestate serve`
+    # does, the peers run as their users run them; "same": every server gets that tuning;
+    # "off": every server runs without the cyclic GC; "none": nobody tunes anything.
+    gc_mode = os.environ.get("BENCH_GC", "shipped")
+    if gc_mode == "off":
+        gc.disable()
+    elif gc_mode == "same" or (gc_mode == "shipped" and mode == "wirestate"):
+        from wirestate.adapters.server import tune_gc
+
+        tune_gc()
     rss0 = _rss_kib()
     _emit({"listening": port})
     joined = target.connections if scale else target.subscribers

@@ -110,10 +110,9 @@ class ServerSettings(_Section):
     #: The event loop of `wirestate serve`: "asyncio", or "uvloop" (`pip install
     #: 'wirestate[fast]'`), whose transports cost less per write (bench/README.md).
     loop: Literal["asyncio", "uvloop"] = "asyncio"
-    #: `wirestate serve` only: after start-up, move every object alive then out of the
-    #: cyclic GC's reach (`gc.freeze()`), so collections only walk what connections and
-    #: events allocate.
-    gc_freeze: bool = True
+    #: `wirestate serve` only: tune the cyclic GC for many long-lived connections after
+    #: start-up (`gc.freeze()`, a young generation of 10,000; see `server.tune_gc`).
+    gc_tune: bool = True
 
     @model_validator(mode="after")
     def _tls_pair(self) -> ServerSettings:

@@ -666,3 +666,16 @@ async def test_a_fan_out_yields_between_chunks_and_late_clients_get_more_per_wri
     assert sorted(writes.values()) == [1, 1, 2, 2]
     for ws in socks:
         await ws.close()
+
+
+def test_tune_gc_freezes_start_up_and_widens_the_young_generation() -> None:
+    # In a child process: the test process's own collector stays as it is.
+    code = (
+        "import gc; from wirestate.adapters.server import tune_gc, GC_YOUNG; "
+        "before = gc.get_freeze_count(); tune_gc(); "
+        "print(before, gc.get_freeze_count() > before, gc.get_threshold()[0] == GC_YOUNG)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=WAIT
+    ).stdout.split()
+    assert out == ["0", "True", "True"]
