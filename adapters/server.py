@@ -93,7 +93,7 @@ _TOPIC: TypeAdapter[str] = TypeAdapter(wire.Topic)
 #: it within one dispatch or one writer wake-up).
 FRAME_CACHE = 64
 #: Clients written per flush before the loop runs again (see ``_flush``).
-FLUSH_CHUNK = 256
+FLUSH_CHUNK = 64
 #: How often the ticker wakes at the least, to measure the loop's lag.
 LAG_PROBE = 0.25
 BINARY_MESSAGE = "binary frames are not supported; send JSON text frames"
@@ -836,30 +836,44 @@ class WirestateServer:
         del todo[:FLUSH_CHUNK]
         clients = self._clients
         drain = hub.drain
-        write = self._write_open
+        cache = self._frames
+        open_state = State.OPEN
         sample = True  # one publish-to-write reading per flush: the histogram is not free
         for cid in batch:
             client = clients.get(cid)
             if client is None:
                 continue
             ws = client.ws
-            if client.idle and not client.pending and not ws.paused and _open(ws):
-                # The writer is parked with nothing in flight, so writing here, now, on its
-                # behalf keeps the socket's order and its single writer (no await: nothing
-                # can interleave). It saves a task wake-up per delivery; anything that may
-                # wait (a full buffer, a ping, a close) still goes through the writer.
-                conn = client.conn
-                published_at = hub.oldest_queued_at(conn) if sample else None
-                frames = drain(conn)
-                if not frames:
-                    continue  # listed twice: already written
-                write(ws, frames)
-                if published_at is not None:
-                    self.metrics.observe_publish_to_write(self._now() - published_at)
-                    sample = False
-                if ws.paused:  # over the high-water mark now: the writer waits, bounded
-                    client.wake()
+            if not client.idle or client.pending or ws.paused:
+                client.wake()
+                continue
+            protocol, transport = ws.protocol, ws.transport
+            if protocol.state is not open_state or transport.is_closing():
+                client.wake()
+                continue
+            # The writer is parked with nothing in flight, so writing here, now, on its
+            # behalf keeps the socket's order and its single writer (no await: nothing can
+            # interleave). It saves a task wake-up per delivery; anything that may wait (a
+            # full buffer, a ping, a close) still goes through the writer.
+            conn = client.conn
+            published_at = hub.oldest_queued_at(conn) if sample else None
+            frames = drain(conn)
+            if not frames:
+                continue  # listed twice: already written
+            if protocol.writes or protocol.extensions or protocol.expect_continuation_frame:
+                self._write_open(ws, frames)
+            elif len(frames) == 1:
+                payload = frames[0]
+                hit = cache.get(id(payload))
+                transport.write(
+                    hit[1] if hit is not None and hit[0] is payload else self._frame(payload)
+                )
             else:
+                transport.write(b"".join([self._frame(f) for f in frames]))
+            if published_at is not None:
+                self.metrics.observe_publish_to_write(self._now() - published_at)
+                sample = False
+            if ws.paused:  # over the high-water mark now: the writer waits, bounded
                 client.wake()
         if (todo or hub.has_ready()) and not self._flush_scheduled and self._loop is not None:
             self._flush_scheduled = True

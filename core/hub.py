@@ -319,7 +319,11 @@ class Hub:
             return []
         owed = conn.owed
         if owed is None:
-            out = [e if e.__class__ is bytes else e.frame for e in q]  # type: ignore[union-attr]
+            if len(q) == 1:  # the common case of a live fan-out: one event since the last write
+                e = q[0]
+                out = [e if e.__class__ is bytes else e.frame]  # type: ignore[union-attr]
+            else:
+                out = [e if e.__class__ is bytes else e.frame for e in q]  # type: ignore[union-attr]
         else:
             out = []
             for e in q:
