@@ -91,17 +91,24 @@ class _Section(BaseModel):
 
 
 class ServerSettings(_Section):
+    """``[server]``: the listener, keep-alive and the bounds of every connection."""
+
+    #: Address to bind; anything but a loopback address needs ``[auth]``.
     host: str = Field(default="127.0.0.1", min_length=1)
     #: 0 asks the OS for a free port (tests).
     port: int = Field(default=12080, ge=0, le=65535)
+    #: Seconds between protocol pings to each client.
     ping_interval: Seconds = 30.0
+    #: Seconds a pong may take; later, the client is closed with 1011 keepalive_timeout.
     ping_timeout: Seconds = 10.0
     #: Messages per client outbox; what happens when it is full is the topic's overflow policy.
     send_queue_size: Count = 256
     #: Bound on closing → unregistered, stuck pumps included (lifecycle invariant 5).
     close_timeout: Seconds = 5.0
+    #: PEM certificate chain.
     #: Both or neither: serve wss:// and https://.
     certfile: Path | None = None
+    #: PEM private key of `certfile`.
     keyfile: Path | None = None
     #: Event-loop lag above this counts as a stall: a pong deadline that expires during one
     #: is extended instead of blamed on the peer. Well above scheduling jitter, well below
@@ -162,10 +169,15 @@ class SourceSettings(_Section):
     built-in host status and takes no url. `timeout` bounds one call; a timeout is a failure.
     """
 
+    #: "http" polls `url`; "system" is the built-in host status.
     kind: Literal["http", "system"]
+    #: The topic its values are published on.
     topic: Topic
+    #: The JSON document an "http" source GETs.
     url: str | None = None
+    #: Seconds between polls.
     interval: Seconds = 5.0
+    #: Seconds one call may take; a slower call is a failure.
     timeout: Seconds = 2.0
     breaker: BreakerSettings = Field(default_factory=BreakerSettings)
 
@@ -196,9 +208,14 @@ class AuthSettings(_Section):
     `allowed_origins` empty: the Origin header is not checked.
     """
 
+    #: The HS256 key, at least 32 bytes.
     secret: SecretStr | None = None
+    #: The one algorithm tokens must be signed with.
     algorithm: Literal["HS256", "RS256", "ES256"] = "HS256"
+    #: PEM public key for RS256 or ES256.
     public_key_file: Path | None = None
+    #: Browser origins (scheme://host[:port]) allowed to upgrade, others get 403; empty:
+    #: the Origin header is not checked.
     allowed_origins: tuple[str, ...] = ()
     #: Accept a first ``{"type": "auth", "token": …}`` message instead of a token on the upgrade.
     first_message: bool = False
@@ -230,7 +247,11 @@ class AuthSettings(_Section):
 
 
 class LimitsSettings(_Section):
+    """``[limits]``: what one client, and all of them together, may take."""
+
+    #: Connections at once; beyond it, the upgrade gets 503.
     max_connections: Count = 10000
+    #: Connections at once from one address; beyond it, the upgrade gets 429.
     max_connections_per_ip: Count = 1000
     #: Topics per client; beyond it, error too_many_topics.
     max_subscriptions: Count = 100
@@ -241,8 +262,11 @@ class LimitsSettings(_Section):
 
 
 class HistorySettings(_Section):
+    """``[history]``: what each topic keeps for clients that resume with ``since``."""
+
     #: Events kept per topic for resume; 0 keeps none (every resume is a gap).
     size: int = Field(default=1000, ge=0)
+    #: Seconds an event is kept for resume.
     max_age: Seconds = 600.0
 
 
@@ -250,8 +274,12 @@ _REDIS_SCHEMES = frozenset({"redis", "rediss", "unix"})
 
 
 class BusSettings(_Section):
+    """``[bus]``: how several nodes share their topics (docs/scaling.md)."""
+
+    #: "memory": one node; "redis": Redis Streams number and carry every topic.
     kind: Literal["memory", "redis"] = "memory"
     # repr=False: a Redis URL may carry a password.
+    #: The Redis server of kind "redis" (redis://, rediss:// or unix://).
     url: str = Field(default="redis://127.0.0.1:6379/0", repr=False)
     breaker: BusBreakerSettings = Field(default_factory=BusBreakerSettings)
 
@@ -263,6 +291,9 @@ class BusSettings(_Section):
 
 
 class TopicSettings(_Section):
+    """``[topics."<name>"]``: one topic's own policy."""
+
+    #: A full outbox: close with 1013 ("disconnect"), or drop events and send a gap.
     overflow: OverflowPolicy = OverflowPolicy.DISCONNECT
 
 
