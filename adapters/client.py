@@ -167,6 +167,8 @@ def _connect_failure(url: str, exc: BaseException, open_timeout: float) -> str:
             401: "the server wants a token (Authorization: Bearer … or ?token=…)",
             403: "the server refused this origin or token",
             404: "check the path (the hub serves /ws)",
+            426: "the request reached the server without its Upgrade header: a proxy in"
+            " between does not pass WebSocket upgrades (docs/troubleshooting.md)",
             503: "the server is at its connection limit or not ready; try again later",
         }
         hint = hints.get(status, "is this a wirestate server?")
