@@ -545,9 +545,9 @@ class WirestateServer:
             # The reader runs in this handler's own task (one task fewer per connection),
             # the writer in its own; the handler waits for the writer when the reader is
             # done, as a task group would (without one's ~0.5 KiB per idle connection).
-            writer = asyncio.get_running_loop().create_task(
-                self._writer(client), name=f"writer-{cid}"
-            )
+            # No name: "Task-N" costs nothing until asked for; a name string per idle
+            # connection does (the task's repr and the logs carry the client id anyway).
+            writer = asyncio.get_running_loop().create_task(self._writer(client))
             client.writer = writer
             await _join(self._reader(client), writer)
         finally:
@@ -873,7 +873,7 @@ class WirestateServer:
             if published_at is not None:
                 self.metrics.observe_publish_to_write(self._now() - published_at)
                 sample = False
-            if ws.paused:  # over the high-water mark now: the writer waits, bounded
+            if _paused(ws):  # over the high-water mark now: the writer waits, bounded
                 client.wake()
         if (todo or hub.has_ready()) and not self._flush_scheduled and self._loop is not None:
             self._flush_scheduled = True
@@ -1088,6 +1088,12 @@ def _peer(ws: ServerConnection) -> str:
     except (TypeError, ValueError):
         return "?"
     return f"{host}:{port}"
+
+
+def _paused(ws: ServerConnection) -> bool:
+    """websockets' flag that the transport buffer is over its high-water mark (read again
+    after a write: a function, so the type checker does not carry an earlier check over)."""
+    return bool(ws.paused)
 
 
 def _open(ws: ServerConnection) -> bool:
