@@ -73,6 +73,7 @@ from wirestate.adapters.metrics import Metrics
 from wirestate.adapters.sources import (
     BREAKER_TOPIC,
     SourcePoller,
+    breaker_config,
     breaker_event,
     poller_from_settings,
 )
@@ -366,10 +367,7 @@ class WirestateServer:
                 self,
                 bus.url,
                 local_topics=self.hub.config.reserved_topics,
-                breaker=BreakerConfig(
-                    failure_threshold=bus.breaker.failure_threshold,
-                    reset_timeout=bus.breaker.reset_timeout,
-                ),
+                breaker=breaker_config(bus.breaker, call_timeout=None),
                 on_transition=self._bus_transition,
                 node=self.epoch,
             )

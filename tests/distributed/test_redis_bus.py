@@ -424,3 +424,29 @@ async def test_publish_now_is_for_node_local_topics_only(redis_url: str) -> None
         assert server.publish_now("system_status", {"ok": True}) >= 1
         assert not server.bus.carries("clients")
         assert server.bus.carries(topic())
+
+
+async def test_the_bus_breaker_takes_every_key_of_its_table(redis_url: str) -> None:
+    settings = Settings.model_validate(
+        {
+            "server": {"port": 0},
+            "bus": {
+                "kind": "redis",
+                "url": redis_url,
+                "breaker": {
+                    "failure_threshold": 4,
+                    "reset_timeout": 2.0,
+                    "max_reset_timeout": 8.0,
+                    "half_open_max_calls": 2,
+                    "success_threshold": 2,
+                },
+            },
+        }
+    )
+    async with WirestateServer(settings) as server:
+        assert isinstance(server.bus, bus_module.RedisBus)
+        config = server.bus.breaker.config
+        assert (config.failure_threshold, config.reset_timeout) == (4, 2.0)
+        assert (config.half_open_max_calls, config.success_threshold) == (2, 2)
+        assert config.backoff is not None
+        assert config.backoff.max == 8.0
