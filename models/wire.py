@@ -288,8 +288,9 @@ class Gap(_Message):
     """Events `from_seq`..`to_seq` (inclusive) of `topic` will not be delivered.
 
     Sent before the first event after the hole. With reason ``epoch_changed`` the old and new
-    sequences are unrelated, so there is no range: both bounds are absent. With every other
-    reason both bounds are present and ``from_seq <= to_seq``.
+    sequences are unrelated, so there is no range: the server sends both bounds as ``null``
+    (a client may also meet them absent; both mean the same). With every other reason both
+    bounds are present and ``from_seq <= to_seq``.
     """
 
     type: Literal["gap"] = "gap"
