@@ -450,3 +450,40 @@ async def test_the_bus_breaker_takes_every_key_of_its_table(redis_url: str) -> N
         assert (config.half_open_max_calls, config.success_threshold) == (2, 2)
         assert config.backoff is not None
         assert config.backoff.max == 8.0
+
+
+async def test_an_asgi_node_and_a_websockets_node_share_the_bus(redis_url: str) -> None:
+    import uvicorn
+    from starlette.applications import Starlette
+    from starlette.routing import Mount
+
+    from wirestate.adapters.asgi import WirestateASGI
+
+    t = topic()
+    asgi_hub = WirestateASGI(_bus_settings(redis_url))
+    app = Starlette(routes=[Mount("/hub", app=asgi_hub)], lifespan=asgi_hub.lifespan)
+    config = uvicorn.Config(app, host="127.0.0.1", port=0, lifespan="on", log_config=None)
+    served = uvicorn.Server(config)
+    task = asyncio.create_task(served.serve())
+    try:
+        async with asyncio.timeout(WAIT):
+            while not served.started and not task.done():  # noqa: ASYNC110 - no event to wait on
+                await asyncio.sleep(0.01)
+        assert served.started
+        port = served.servers[0].sockets[0].getsockname()[1]
+        async with WirestateServer(_bus_settings(redis_url)) as plain:
+            asgi_node = Node(None, port)
+            asgi_node.url = f"ws://127.0.0.1:{port}/hub/ws"
+            async with (
+                subscriber(asgi_node, t) as (wa, sa),
+                subscriber(Node(None, plain.port), t) as (wp, sp),
+            ):
+                assert sa["epoch"] == sp["epoch"]
+                await plain.publish(t, "from the websockets node")
+                await asgi_hub.server.publish(t, "from the ASGI node")
+                for ws in (wa, wp):
+                    got = [(m["seq"], m["data"]) for m in await events(ws, 2)]
+                    assert got == [(1, "from the websockets node"), (2, "from the ASGI node")]
+    finally:
+        served.should_exit = True
+        await asyncio.wait_for(task, WAIT)
