@@ -34,7 +34,9 @@ Connection scale, per server (wirestate and ws_broadcast) and K: K idle connecti
 growth per connection once all K are held.
 
 Medians over ``--runs`` runs, the servers interleaved within each run so that drift hits them
-alike; the ratios are wirestate / peer from the same run.
+alike; the ratios are wirestate / peer from the same run. Then the core's micro-benchmarks
+(``bench/core_bench.py``, ``--core-runs``): one lifecycle, one routing to 10,000
+subscribers, the explorer's states per second.
 """
 
 from __future__ import annotations
@@ -464,6 +466,9 @@ def main() -> int:
         "--burst", type=int, default=1, help="flat phase: events published per loop iteration"
     )
     ap.add_argument("--loop", choices=("asyncio", "uvloop"), default="asyncio")
+    ap.add_argument(
+        "--core-runs", type=int, default=3, help="runs of bench/core_bench.py (0 skips it)"
+    )
     ap.add_argument("--scale-run", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--json", type=Path)
     ap.add_argument("--markdown", type=Path)
@@ -557,6 +562,8 @@ def main() -> int:
             / row["ws_broadcast"]["handshakes_per_s"],
             "rss": row["wirestate"]["rss_kib_per_conn"] / row["ws_broadcast"]["rss_kib_per_conn"],
         }
+    if args.core_runs:
+        report["core"] = core(args.core_runs)
     md = markdown(report)
     print(md)
     if args.json:
@@ -565,6 +572,27 @@ def main() -> int:
     if args.markdown:
         args.markdown.write_text(md)
     return 0
+
+
+def core(runs: int) -> dict[str, Any]:
+    """The core's micro-benchmarks (bench/core_bench.py), pinned to CPU 1: one lifecycle,
+    one routing to 10,000 subscribers, the explorer's states per second."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "core.json"
+        cmd = [sys.executable, str(HERE.with_name("core_bench.py")), "--runs", str(runs)]
+        cmd += ["--json", str(out)]
+        if shutil.which("taskset"):
+            cmd = ["taskset", "-c", "1", *cmd]
+        subprocess.run(cmd, check=True, capture_output=True, timeout=900)
+        median: dict[str, Any] = json.loads(out.read_text())["median"]
+    return {
+        "life_us": median["life_us"],
+        "route_10k_ms": median["route_ms"],
+        "check_states": median["check_states"],
+        "check_states_per_s": median["check_states"] / median["check_seconds"],
+    }
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -603,6 +631,17 @@ def markdown(report: dict[str, Any]) -> str:
                 f"| {int(k):,} | {mode} | {m['handshakes_per_s']:,.0f} |"
                 f" {m['rss_kib_per_conn']:.2f} |"
             )
+    if "core" in report:
+        c = report["core"]
+        lines += [
+            "",
+            "| core micro-benchmark | median |",
+            "|---|---:|",
+            f"| one connection's life | {c['life_us']:.1f} us |",
+            f"| one event routed to 10,000 subscribers | {c['route_10k_ms']:.2f} ms |",
+            f"| explorer, 3 clients depth 8 | {c['check_states']:,.0f} states,"
+            f" {c['check_states_per_s']:,.0f}/s |",
+        ]
     return "\n".join(lines) + "\n"
 
 
