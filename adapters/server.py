@@ -35,7 +35,7 @@ import secrets
 import signal
 import ssl
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 import orjson
@@ -172,8 +172,9 @@ class Refusal:
     text: str
 
 
-def hub_config(settings: Settings) -> HubConfig:
-    """The core's knobs from the validated settings."""
+def hub_config(settings: Settings, sources: Iterable[str] = ()) -> HubConfig:
+    """The core's knobs from the validated settings; ``sources`` names the topics of
+    sources added in code (``add_source``), reserved like the configured ones."""
     s = settings.server
     return HubConfig(
         ping_interval=s.ping_interval,
@@ -185,7 +186,7 @@ def hub_config(settings: Settings) -> HubConfig:
         max_subscriptions=settings.limits.max_subscriptions,
         messages_per_second=settings.limits.messages_per_second,
         overflow={topic: t.overflow for topic, t in settings.topics.items()},
-        reserved_topics=BUILTIN_TOPICS | {src.topic for src in settings.sources},
+        reserved_topics=BUILTIN_TOPICS | {src.topic for src in settings.sources} | set(sources),
     )
 
 
@@ -359,7 +360,8 @@ class WirestateServer:
         self._loop = loop
         # The core reads no wall clock: event timestamps are loop time plus this offset.
         wall_offset = time.time() - loop.time()
-        self.hub = Hub(hub_config(self.settings), epoch=self.epoch, wall_offset=wall_offset)
+        config = hub_config(self.settings, (topic for topic, *_ in self._sources))
+        self.hub = Hub(config, epoch=self.epoch, wall_offset=wall_offset)
         self._ticker_task = loop.create_task(self._ticker(), name="wirestate-ticker")
         if self.settings.bus.kind == "redis":
             bus = self.settings.bus

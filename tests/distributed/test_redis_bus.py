@@ -487,3 +487,32 @@ async def test_an_asgi_node_and_a_websockets_node_share_the_bus(redis_url: str) 
     finally:
         served.should_exit = True
         await asyncio.wait_for(task, WAIT)
+
+
+async def test_a_source_added_in_code_stays_node_local_on_a_bus(redis_url: str) -> None:
+    import redis
+
+    server = WirestateServer(_bus_settings(redis_url))
+    polled = asyncio.Event()
+
+    async def inventory() -> dict[str, int]:
+        polled.set()
+        return {"widgets": 42}
+
+    t = topic()
+    server.add_source(t, inventory, interval=0.01, timeout=1.0)
+    async with server:
+        assert not server.bus.carries(t)  # numbered here, like every source's topic
+        node = Node(None, server.port)
+        async with subscriber(node, t) as (ws, _):
+            (msg,) = await events(ws, 1)
+            assert msg["data"] == {"widgets": 42}
+            await ws.send(orjson.dumps({"type": "publish", "topic": t, "data": 1}).decode())
+            while (reply := await recv(ws))["type"] != "error":
+                pass
+            assert reply["code"] == "forbidden"
+        assert isinstance(server.bus, bus_module.RedisBus)
+        wake = server.bus._wake_key
+    assert polled.is_set()
+    # The node's wake-up stream goes with it.
+    assert not redis.Redis.from_url(redis_url).exists(wake)
