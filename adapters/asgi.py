@@ -77,11 +77,10 @@ from typing import Any, Final, cast
 
 from websockets.asyncio.server import ServerConnection
 
-from wirestate.adapters.auth import OPEN, Grants, token_from_request
+from wirestate.adapters.auth import Grants, token_from_request
 from wirestate.adapters.http import HttpRequest, HttpResponse, error_response
 from wirestate.adapters.server import (
     BINARY_MESSAGE,
-    NOTHING,
     Refusal,
     WirestateServer,
     _Client,
@@ -90,7 +89,6 @@ from wirestate.adapters.server import (
 )
 from wirestate.core.causes import CloseCause, ErrorCode
 from wirestate.core.hub import Connection
-from wirestate.core.lifecycle import ConnState
 from wirestate.models.settings import Settings
 
 __all__ = ["WirestateASGI", "disconnect_cause", "route_path"]
@@ -308,8 +306,6 @@ class WirestateASGI:
         if isinstance(decision, Refusal):
             await _deny(scope, send, decision.status, decision.text)
             return
-        grants = decision if decision is not None else OPEN
-        authenticating = decision is None  # the token comes in the first message, in time
         task = asyncio.current_task()
         assert task is not None
         server._handlers.add(task)  # stop() waits for this handler
@@ -322,12 +318,13 @@ class WirestateASGI:
                 with contextlib.suppress(OSError):
                     await send({"type": "websocket.close", "code": 1001, "reason": "shutdown"})
                 return
-            await self._serve(scope, receive, send, grants, authenticating)
+            # None: with [auth] first_message, the token comes in the first message, in time
+            await self._serve(scope, receive, send, decision)
         finally:
             server._handlers.discard(task)
 
     async def _serve(
-        self, scope: Scope, receive: Receive, send: Send, grants: Grants, authenticating: bool
+        self, scope: Scope, receive: Receive, send: Send, grants: Grants | None
     ) -> None:
         """One accepted connection, from registration to unregistration."""
         server = self.server
@@ -337,18 +334,8 @@ class WirestateASGI:
         conn = hub.connect(cid, now)
         hub.accept(conn, now)
         client = _AsgiClient(conn)
-        server._clients[cid] = client
-        if authenticating:  # [auth] first_message: nothing is allowed until a valid auth
-            client.grants, client.authenticating = NOTHING, True
-            assert server.settings.auth is not None
-            deadline = now + server.settings.auth.first_message_timeout
-            client.expiry = asyncio.get_running_loop().call_at(
-                deadline, server._expire, conn, CloseCause.POLICY
-            )
-        else:
-            server._grant(client, grants)
         ip = _ip(scope)
-        server._per_ip[ip] = server._per_ip.get(ip, 0) + 1
+        server._register(client, grants, ip)
         try:
             hub.start(conn, server._now())
             log.info("connected", extra={"client_id": cid, "peer": _peer(scope)})
@@ -358,18 +345,7 @@ class WirestateASGI:
                 client.writer = tg.create_task(self._writer(client, send), name=f"w-{cid}")
         finally:
             # The task group has ended: both pumps have reported their end.
-            if conn.state is ConnState.REGISTERING:  # the pumps never started
-                hub.close(conn, CloseCause.SHUTDOWN, server._now())
-            hub.unregister(conn, server._now())
-            server._dispatch()
-            del server._clients[cid]
-            if client.expiry is not None:
-                client.expiry.cancel()
-            left = server._per_ip[ip] - 1
-            if left:
-                server._per_ip[ip] = left
-            else:
-                del server._per_ip[ip]
+            server._release(client, ip)
 
     async def _reader(self, client: _AsgiClient, receive: Receive) -> None:
         server = self.server

@@ -525,19 +525,8 @@ class WirestateServer:
         conn = hub.connect(cid, self._now())
         hub.accept(conn, self._now())
         client = _Client(ws, conn)
-        self._clients[cid] = client
-        grants = self._grants.pop(ws, None)
-        if grants is not None or not self.auth.required:
-            self._grant(client, grants or OPEN)
-        else:  # [auth] first_message: nothing is allowed until a valid auth message
-            client.grants, client.authenticating = NOTHING, True
-            assert self.settings.auth is not None
-            deadline = self._now() + self.settings.auth.first_message_timeout
-            client.expiry = asyncio.get_running_loop().call_at(
-                deadline, self._expire, conn, CloseCause.POLICY
-            )
         ip = _ip(ws)
-        self._per_ip[ip] = self._per_ip.get(ip, 0) + 1
+        self._register(client, self._grants.pop(ws, None), ip)
         try:
             hub.start(conn, self._now())
             log.info("connected", extra={"client_id": cid, "peer": _peer(ws)})
@@ -552,19 +541,42 @@ class WirestateServer:
             await _join(self._reader(client), writer)
         finally:
             # _join has returned: both pumps have reported their end.
-            if conn.state is ConnState.REGISTERING:  # the pumps never started
-                hub.close(conn, CloseCause.SHUTDOWN, self._now())
-            hub.unregister(conn, self._now())
-            self._dispatch()
-            del self._clients[cid]
-            if client.expiry is not None:
-                client.expiry.cancel()
-            left = self._per_ip[ip] - 1
-            if left:
-                self._per_ip[ip] = left
-            else:
-                del self._per_ip[ip]
+            self._release(client, ip)
             self._handlers.discard(task)
+
+    def _register(self, client: _Client, grants: Grants | None, ip: str) -> None:
+        """Make an accepted connection known: its grants (None with ``[auth]
+        first_message``: nothing is allowed until a valid auth message, within the
+        deadline) and its peer's count. Every transport calls this, then ``_release``."""
+        conn = client.conn
+        self._clients[conn.client_id] = client
+        if grants is not None or not self.auth.required:
+            self._grant(client, grants or OPEN)
+        else:
+            client.grants, client.authenticating = NOTHING, True
+            assert self.settings.auth is not None
+            deadline = self._now() + self.settings.auth.first_message_timeout
+            client.expiry = asyncio.get_running_loop().call_at(
+                deadline, self._expire, conn, CloseCause.POLICY
+            )
+        self._per_ip[ip] = self._per_ip.get(ip, 0) + 1
+
+    def _release(self, client: _Client, ip: str) -> None:
+        """The one place that unregisters, once both pumps have reported their end; then
+        the connection is forgotten."""
+        hub, conn = self._need_hub(), client.conn
+        if conn.state is ConnState.REGISTERING:  # the pumps never started
+            hub.close(conn, CloseCause.SHUTDOWN, self._now())
+        hub.unregister(conn, self._now())
+        self._dispatch()
+        del self._clients[conn.client_id]
+        if client.expiry is not None:
+            client.expiry.cancel()
+        left = self._per_ip[ip] - 1
+        if left:
+            self._per_ip[ip] = left
+        else:
+            del self._per_ip[ip]
 
     async def _reader(self, client: _Client) -> None:
         hub, conn, ws = self._need_hub(), client.conn, client.ws
