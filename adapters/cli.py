@@ -13,7 +13,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, TextIO
@@ -103,6 +103,19 @@ def _count(minimum: int) -> Any:
     return parse
 
 
+UVLOOP_MISSING = "needs uvloop: pip install 'wirestate[fast]'"
+
+
+def _loop_factory(loop: str | None) -> Callable[[], Any] | None:
+    """The event loop a command runs on: None (asyncio's own) or uvloop's, which raises
+    ``ImportError`` when uvloop is not installed."""
+    if loop != "uvloop":
+        return None
+    import uvloop
+
+    return uvloop.new_event_loop
+
+
 def cmd_serve(args: argparse.Namespace, stdout: TextIO) -> int:
     import asyncio
 
@@ -127,16 +140,11 @@ def cmd_serve(args: argparse.Namespace, stdout: TextIO) -> int:
         sys.stderr.write(f"wirestate serve: invalid configuration:\n{exc}\n")
         return 2
     configure_logging(args.log_format, args.log_level)
-    loop_factory = None
-    if settings.server.loop == "uvloop":
-        try:
-            import uvloop
-        except ImportError:
-            sys.stderr.write(
-                "wirestate serve: loop = uvloop needs uvloop: pip install 'wirestate[fast]'\n"
-            )
-            return 2
-        loop_factory = uvloop.new_event_loop
+    try:
+        loop_factory = _loop_factory(settings.server.loop)
+    except ImportError:
+        sys.stderr.write(f"wirestate serve: loop = uvloop {UVLOOP_MISSING}\n")
+        return 2
     try:
         with asyncio.Runner(loop_factory=loop_factory) as runner:
             return runner.run(run(settings))
@@ -240,16 +248,11 @@ def cmd_loadtest(args: argparse.Namespace, stdout: TextIO) -> int:
         publishers=args.publishers,
         concurrency=args.concurrency,
     )
-    loop_factory = None
-    if args.loop == "uvloop":
-        try:
-            import uvloop
-        except ImportError:
-            sys.stderr.write(
-                "wirestate loadtest: --loop uvloop needs uvloop: pip install 'wirestate[fast]'\n"
-            )
-            return 2
-        loop_factory = uvloop.new_event_loop
+    try:
+        loop_factory = _loop_factory(args.loop)
+    except ImportError:
+        sys.stderr.write(f"wirestate loadtest: --loop uvloop {UVLOOP_MISSING}\n")
+        return 2
     try:
         with asyncio.Runner(loop_factory=loop_factory) as runner:
             return runner.run(execute(options, json_output=args.json, plot=args.plot, out=stdout))

@@ -159,3 +159,28 @@ def test_fuzz_against_a_running_server() -> None:
     finally:
         server.terminate()
         server.wait(10)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["serve", "--loop", "uvloop", "--port", "0"],
+        [
+            "loadtest",
+            "--url",
+            "ws://127.0.0.1:9/ws",
+            "--clients",
+            "1",
+            "--duration",
+            "1",
+            "--loop",
+            "uvloop",
+        ],
+    ],
+)
+def test_uvloop_asked_for_but_missing_says_what_to_install(
+    argv: list[str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setitem(sys.modules, "uvloop", None)  # import uvloop -> ImportError
+    assert cli.main(argv, stdout=io.StringIO()) == 2
+    assert "needs uvloop: pip install 'wirestate[fast]'" in capsys.readouterr().err
