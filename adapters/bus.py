@@ -37,7 +37,7 @@ from redis.exceptions import RedisError
 
 from wirestate.core.breaker import Breaker, BreakerConfig, Permit, StateChanged
 from wirestate.core.bus import BusState, Plan, Reconciled
-from wirestate.core.hub import Hub, _dumps, iso_utc
+from wirestate.core.hub import Hub, _dumps
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -308,7 +308,7 @@ class RedisBus:
 
     def _enqueue(self, topic: str, body: bytes, fut: asyncio.Future[int] | None) -> None:
         hub = self._need_hub()
-        ts = iso_utc(self._host._now() + hub.wall_offset)
+        ts = hub.stamp(self._host._now())
         self._outbox.append((topic, body, ts, fut))
         self._outbox_ready.set()
 
@@ -333,12 +333,15 @@ class RedisBus:
         redis = self._need_redis()
         script = self._scripts["publish"]
         cap = self._need_state().cap
+        # The epoch a topic gets if this batch creates it: fresh per batch, so that a topic
+        # Redis lost and a node re-creates never reuses an epoch its clients hold.
+        epoch = secrets.token_hex(4)
         try:
             async with redis.pipeline(transaction=False) as pipe:
                 for topic, body, ts, _ in batch:
                     await script(
                         keys=[meta_key(topic), stream_key(topic)],
-                        args=[cap, secrets.token_hex(4), body, ts],
+                        args=[cap, epoch, body, ts],
                         client=pipe,
                     )
                 seqs = await pipe.execute()

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
-from wirestate.core.hub import Hub, _dumps, iso_utc
+from wirestate.core.hub import Hub, _dumps
 
 
 class Reconciled(StrEnum):
@@ -133,7 +133,7 @@ class BusState:
         body = _dumps(data)
         seq = self.hub.publish(topic, data, now)
         link = self.link(topic)
-        link.pending.append((body, iso_utc(now + self.hub.wall_offset)))
+        link.pending.append((body, self.hub.stamp(now)))
         if len(link.pending) > self.cap:
             link.pending.popleft()
             link.skipped += 1

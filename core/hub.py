@@ -291,6 +291,12 @@ class Hub:
         out, self._actions = self._actions, []
         return out
 
+    def stamp(self, now: float) -> str:
+        """The ``ts`` of an event published at ``now`` (the wall clock through
+        ``wall_offset``), from the hub's own formatter, which reformats the date only when
+        the second changes."""
+        return self._stamp(now + self.wall_offset)
+
     def has_ready(self) -> bool:
         """Whether some client's outbox became non-empty since the last ``take_ready``."""
         return bool(self._ready)
@@ -576,7 +582,7 @@ class Hub:
             stale_part = f',"stale":true,"age":{age!r}'
         frame = (
             f'{{"type":"event","topic":{_dumps(topic_name).decode()},"seq":{seq},'
-            f'"ts":"{self._stamp(now + self.wall_offset)}","data":{body}{stale_part}}}'
+            f'"ts":"{self.stamp(now)}","data":{body}{stale_part}}}'
         ).encode()
         self._emit(topic, seq, frame, now)
         return seq
