@@ -283,6 +283,9 @@ class RedisBus:
             "outages": state.outages,
             "attached": sum(1 for link in state.links.values() if link.attached),
             "pending": sum(len(link.pending) for link in state.links.values()),
+            "published": self.published,  # events this node wrote to Redis
+            "read": self.read,  # events read from the streams and delivered here
+            "gapped": state.gapped,  # seqs this node's clients were told they missed
         }
 
     # -- publish -----------------------------------------------------------------------

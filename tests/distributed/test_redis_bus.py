@@ -330,6 +330,7 @@ async def test_a_redis_outage_is_visible_survivable_and_heals_without_duplicates
                 tail_a = await until_seq(wa, last)
                 tail_b = await until_seq(wb, last)
                 changes = await breaker_until_closed(wcb)
+                bus_a, bus_b = (await ready(a))["bus"], (await ready(b))["bus"]
 
     # Redis came back empty; the node that reconciled first re-seeded the topic and kept its
     # seqs. The other node's events went after them, and its clients got a bus_outage gap
@@ -339,8 +340,10 @@ async def test_a_redis_outage_is_visible_survivable_and_heals_without_duplicates
     assert len(gaps) == 1, gaps
     (gap,) = gaps
     assert gap["reason"] == "bus_outage"
+    missed = gap["to_seq"] - gap["from_seq"] + 1
     shape_a = [(m["type"], m.get("seq"), m.get("data")) for m in tail_a]
     shape_b = [(m["type"], m.get("seq"), m.get("data")) for m in tail_b]
+    assert sorted((bus_a["gapped"], bus_b["gapped"])) == [0, missed]  # reported by the loser
     if gap in tail_a:  # b won: b1 kept seq 4, a1 and a2 became 5 and 6
         assert shape_a == [("gap", None, None), ("event", 7, "after")]
         assert (gap["from_seq"], gap["to_seq"]) == (6, 6)  # one missed: b1
@@ -411,6 +414,9 @@ async def test_a_node_started_without_redis_serves_locally_then_joins(
                     "outages": 0,
                     "attached": 1,
                     "pending": 0,
+                    "published": 0,
+                    "read": 0,
+                    "gapped": 0,
                 }
                 # The local event entered the bus under the seq the client saw.
                 assert await server.publish(t, "bus") == 2
