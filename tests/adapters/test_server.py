@@ -335,33 +335,45 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-async def test_sigterm_closes_clients_with_1001_and_exits_0(tmp_path: Path) -> None:
+@contextlib.asynccontextmanager
+async def served(
+    *flags: str,
+) -> AsyncIterator[tuple[subprocess.Popen[bytes], ClientConnection, list[dict[str, Any]]]]:
+    """`wirestate serve` in a child process with JSON logs: yields the process, a client
+    connected to it (its welcome read) and the log records, filled once the child has
+    exited; the body must make it exit (SIGTERM), with status 0."""
     port = _free_port()
     exe = Path(sys.executable).with_name("wirestate")
     proc = subprocess.Popen(  # noqa: ASYNC220 - started once, waited on in a thread
-        [str(exe), "serve", "--port", str(port), "--log-format", "json"],
+        [str(exe), "serve", "--port", str(port), "--log-format", "json", *flags],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )
+    logs: list[dict[str, Any]] = []
     try:
-        url = f"ws://127.0.0.1:{port}/ws"
         ws = None
         async with asyncio.timeout(WAIT):
             while ws is None:
                 try:
-                    ws = await connect(url, ping_interval=None)
+                    ws = await connect(f"ws://127.0.0.1:{port}/ws", ping_interval=None)
                 except OSError:
                     await asyncio.sleep(0.05)
         assert (await recv(ws))["type"] == "welcome"
-        proc.send_signal(signal.SIGTERM)
-        await asyncio.wait_for(ws.wait_closed(), WAIT)
-        assert ws.close_code == 1001
+        yield proc, ws, logs
         assert await asyncio.to_thread(proc.wait, WAIT) == 0
     finally:
         if proc.poll() is None:
             proc.kill()
         proc.wait()
-    logs = [orjson.loads(line) for line in proc.stderr.read().splitlines() if line.strip()]  # type: ignore[union-attr]
+        assert proc.stderr is not None
+        logs += [orjson.loads(line) for line in proc.stderr.read().splitlines() if line.strip()]
+
+
+async def test_sigterm_closes_clients_with_1001_and_exits_0() -> None:
+    async with served() as (proc, ws, logs):
+        proc.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(ws.wait_closed(), WAIT)
+        assert ws.close_code == 1001
     assert any(
         line.get("msg") == "disconnected" and line.get("cause") == "shutdown" for line in logs
     )
@@ -607,35 +619,12 @@ async def test_events_published_in_one_loop_iteration_leave_in_one_write(
     await ws.close()
 
 
-async def test_serve_runs_on_uvloop_when_asked(tmp_path: Path) -> None:
+async def test_serve_runs_on_uvloop_when_asked() -> None:
     pytest.importorskip("uvloop")
-    port = _free_port()
-    exe = Path(sys.executable).with_name("wirestate")
-    proc = subprocess.Popen(  # noqa: ASYNC220 - started once, waited on in a thread
-        [str(exe), "serve", "--port", str(port), "--loop", "uvloop", "--log-format", "json"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
-    try:
-        url = f"ws://127.0.0.1:{port}/ws"
-        ws = None
-        async with asyncio.timeout(WAIT):
-            while ws is None:
-                try:
-                    ws = await connect(url, ping_interval=None)
-                except OSError:
-                    await asyncio.sleep(0.05)
-        assert (await recv(ws))["type"] == "welcome"
+    async with served("--loop", "uvloop") as (proc, ws, logs):
         await ws.close()
         proc.send_signal(signal.SIGTERM)
-        assert await asyncio.to_thread(proc.wait, WAIT) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
-    logs = [orjson.loads(line) for line in proc.stderr.read().splitlines() if line.strip()]  # type: ignore[union-attr]
-    assert any(line.get("msg") == "listening" for line in logs)
-    assert any(line.get("loop") == "uvloop" for line in logs)
+    assert any(line.get("msg") == "listening" and line.get("loop") == "uvloop" for line in logs)
 
 
 async def test_a_fan_out_yields_between_chunks_and_late_clients_get_more_per_write(
