@@ -482,33 +482,25 @@ class WirestateServer:
         shutting down (503), total and per-IP connection limits (503, 429), the Origin
         allowlist (403), the token (401). Returns the refusal (counted and logged), the
         token's grants, or None when the token is to come in the first message."""
-        limits = self.settings.limits
-        refusal: Refusal | None = None
+        limits, auth = self.settings.limits, self.settings.auth
         if self._closing:
-            refusal = Refusal(503, "shutting_down", "shutting down\n")
-        elif len(self._clients) >= limits.max_connections:
-            refusal = Refusal(503, "max_connections", "too many connections\n")
-        elif self._per_ip.get(ip, 0) >= limits.max_connections_per_ip:
-            refusal = Refusal(429, "max_connections_per_ip", "too many connections\n")
-        auth = self.settings.auth
-        if (
-            refusal is None
-            and auth is not None
-            and not origin_allowed(origin, auth.allowed_origins)
-        ):
-            refusal = Refusal(403, "origin", "origin not allowed\n")
-        if refusal is None and not self.auth.required:
+            return self.refused(Refusal(503, "shutting_down", "shutting down\n"))
+        if len(self._clients) >= limits.max_connections:
+            return self.refused(Refusal(503, "max_connections", "too many connections\n"))
+        if self._per_ip.get(ip, 0) >= limits.max_connections_per_ip:
+            return self.refused(Refusal(429, "max_connections_per_ip", "too many connections\n"))
+        if auth is not None and not origin_allowed(origin, auth.allowed_origins):
+            return self.refused(Refusal(403, "origin", "origin not allowed\n"))
+        if not self.auth.required:
             return OPEN
-        if refusal is None:
-            value = token()
-            if value is None and auth is not None and auth.first_message:
-                return None  # the token comes in the first message, within a deadline
-            try:
-                return self.auth.authenticate(value, now=time.time())
-            except AuthError as exc:
-                # The body names the reason only: never the token, never the library's text.
-                refusal = Refusal(401, "auth", f"unauthorized: {exc.reason}\n")
-        return self.refused(refusal)
+        value = token()
+        if value is None and auth is not None and auth.first_message:
+            return None  # the token comes in the first message, within a deadline
+        try:
+            return self.auth.authenticate(value, now=time.time())
+        except AuthError as exc:
+            # The body names the reason only: never the token, never the library's text.
+            return self.refused(Refusal(401, "auth", f"unauthorized: {exc.reason}\n"))
 
     def refused(self, refusal: Refusal) -> Refusal:
         """Count and log a refused upgrade."""
