@@ -1135,7 +1135,7 @@ GC_YOUNG = 10_000
 
 
 def tune_gc() -> None:
-    """The collector for many long-lived connections (bench/README.md has the figures):
+    """The collector for many long-lived connections (docs/performance.md has the figures):
 
     * ``gc.freeze()`` after start-up: everything alive then (modules, settings, the hub)
       lives as long as the process; no collection walks it again;

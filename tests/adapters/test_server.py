@@ -668,3 +668,29 @@ def test_tune_gc_freezes_start_up_and_widens_the_young_generation() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=WAIT
     ).stdout.split()
     assert out == ["0", "True", "True"]
+
+
+async def test_join_cancels_the_writer_when_the_reader_fails_and_logs_a_failed_writer(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from wirestate.adapters.server import _join
+
+    forever = asyncio.Event()
+
+    async def failing_reader() -> None:
+        raise OSError("the reader broke")
+
+    writer = asyncio.create_task(forever.wait())
+    with pytest.raises(OSError, match="the reader broke"):
+        await _join(failing_reader(), writer)
+    assert writer.cancelled()  # not left running behind the handler
+
+    async def quiet_reader() -> None:
+        return None
+
+    async def failing_writer() -> None:
+        raise RuntimeError("secret detail")
+
+    with caplog.at_level("ERROR", logger="wirestate.server"):
+        await _join(quiet_reader(), asyncio.create_task(failing_writer()))
+    assert [r.getMessage() for r in caplog.records] == ["writer failed: RuntimeError"]
