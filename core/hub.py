@@ -626,7 +626,9 @@ class Hub:
         topic.history.clear()
         for conn in list(topic.subscribers.values()):
             if conn.owed:
-                conn.owed.pop(topic_name, None)  # the gap covers them
+                # Owing a gap means a full outbox, so this gap closes the client as a slow
+                # consumer (``_queue``): the older losses need not be reported after it.
+                conn.owed.pop(topic_name, None)
             self._queue(conn, gap, now)
 
     def attach(

@@ -119,6 +119,7 @@ def test_a_rebase_gap_replaces_what_the_subscriber_was_owed() -> None:
     assert conn.owed == {T: [[1, 1]]}
     hub.rebase(T, 5, 1.0)
     assert conn.owed == {}
+    assert conn.cause is CloseCause.SLOW_CONSUMER  # the gap did not fit the full outbox
 
 
 def test_attach_adopts_the_bus_epoch_and_tail_without_duplicates() -> None:
