@@ -293,25 +293,23 @@ class RedisBus:
     async def publish(self, topic: str, data: Any) -> int:
         """Publish on a bus topic; returns its seq (a local one while the link is down:
         the event reaches this node's subscribers now and the bus on recovery)."""
-        body = _dumps(data)
-        if not self._need_state().up and not self._outbox:
-            return self._local(topic, data)
         fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        self._enqueue(topic, body, fut)
+        self._submit(topic, data, fut)
         return await fut
 
     def submit(self, topic: str, data: Any) -> None:
         """``publish`` without waiting for the seq (a client's ``publish`` message); the
         order of submissions is kept. ``TypeError`` for data that is not JSON."""
-        body = _dumps(data)
-        if not self._need_state().up and not self._outbox:
-            self._local(topic, data)
-            return
-        self._enqueue(topic, body, None)
+        self._submit(topic, data, None)
 
-    def _enqueue(self, topic: str, body: bytes, fut: asyncio.Future[int] | None) -> None:
-        hub = self._need_hub()
-        ts = hub.stamp(self._host._now())
+    def _submit(self, topic: str, data: Any, fut: asyncio.Future[int] | None) -> None:
+        body = _dumps(data)  # TypeError here, before anything is queued
+        if not self._need_state().up and not self._outbox:
+            seq = self._local(topic, data)
+            if fut is not None:
+                fut.set_result(seq)
+            return
+        ts = self._need_hub().stamp(self._host._now())
         self._outbox.append((topic, body, ts, fut))
         self._outbox_ready.set()
 
