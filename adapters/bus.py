@@ -131,6 +131,11 @@ def stream_key(topic: str) -> str:
     return f"wirestate:{{{topic}}}:stream"
 
 
+def topic_of(key: str) -> str:
+    """The topic of a ``stream_key``."""
+    return key[len("wirestate:{") : -len("}:stream")]
+
+
 class BusUnavailable(RuntimeError):
     """The bus link is down and the call cannot fall back to local delivery."""
 
@@ -450,8 +455,7 @@ class RedisBus:
             if name == self._wake_key:
                 self._wake_id = entries[-1][0]
                 continue
-            topic = name[len("wirestate:{") : -len("}:stream")]
-            self.read += state.entries(topic, _entries(entries), now)
+            self.read += state.entries(topic_of(name), _entries(entries), now)
         self._host._dispatch()
 
     def _lost(self, exc: BaseException) -> None:
