@@ -33,8 +33,8 @@ from pathlib import Path
 
 from wirestate.core import lifecycle
 from wirestate.core.causes import CloseCause
-from wirestate.core.explore import explore
 from wirestate.core.hub import Connection, Hub, HubConfig
+from wirestate.core.verify.explore import explore
 
 PAYLOAD = {
     "host": "node-17",

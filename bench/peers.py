@@ -6,7 +6,7 @@
 
 Every server under test runs in its own process pinned to CPU 0 (taskset), the load client
 in another pinned to CPU 1, compression off everywhere. The load client is
-``wirestate.adapters.leanws``: one asyncio protocol per connection that parses frames and
+``wirestate.adapters.tools.leanws``: one asyncio protocol per connection that parses frames and
 answers pings, no task or future per message, so it costs less than the servers it loads.
 
 Servers (``--modes``):
@@ -98,7 +98,7 @@ class _Target:
 
 class _Wirestate(_Target):
     async def start(self, port: int) -> None:
-        from wirestate.adapters.server import WirestateServer
+        from wirestate.adapters.server.service import WirestateServer
         from wirestate.models.settings import Settings
 
         settings = Settings.model_validate(
@@ -237,7 +237,7 @@ async def _serve(mode: str, port: int, n: int, events: int, scale: bool, burst: 
     if gc_mode == "off":
         gc.disable()
     elif gc_mode == "same" or (gc_mode == "shipped" and mode == "wirestate"):
-        from wirestate.adapters.server import tune_gc
+        from wirestate.adapters.server.service import tune_gc
 
         tune_gc()
     rss0 = _rss_kib()

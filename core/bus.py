@@ -1,7 +1,7 @@
 """A node's view of the bus that several hubs share (DESIGN.md "buses"). Pure.
 
 The bus sequences every topic it carries: a topic's ``seq`` and ``epoch`` are the bus's, the
-same on every node, so a client resumes on any node. The adapter (``adapters/bus.py``)
+same on every node, so a client resumes on any node. The adapter (``adapters/server/bus.py``)
 does the I/O; this module keeps what the node knows and decides what its subscribers are
 told:
 

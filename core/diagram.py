@@ -13,7 +13,8 @@ from typing import Any
 
 from transitions import Machine
 
-from wirestate.core import breaker_table, lifecycle
+from wirestate.core import lifecycle
+from wirestate.core.breaker import table as breaker_table
 
 
 def _name(func: Any) -> str:

@@ -5,7 +5,7 @@ decisions come out as frozen actions (``actions()``), outgoing frames wait in ea
 bounded outbox (``drain()``), and ``next_deadline()`` says when to call ``tick()``.
 
 Rules and invariants (DESIGN.md, "Connection lifecycle"; checked after every step by
-``wirestate.core.checks``):
+``wirestate.core.verify.checks``):
 
 1. Unregistration is the lifecycle table's ``unregister`` trigger, which leaves only from
    ``closed`` (both pumps finished). The adapter calls ``unregister`` in its handler's

@@ -1,7 +1,7 @@
 """The connection lifecycle: one `transitions` table shared by every connection.
 
-Rules of this module (the checker in `wirestate.core.explore` and the Hypothesis machine in
-`wirestate.core.stateful` enforce them on the running hub, not only on this table):
+Rules of this module (the checker in `wirestate.core.verify.explore` and the Hypothesis machine in
+`wirestate.core.verify.stateful` enforce them on the running hub, not only on this table):
 
 * The state says which pumps run. ``open`` and ``closing`` have both the reader and the
   writer running; ``closing_reader_done`` only the writer; ``closing_writer_done`` only the

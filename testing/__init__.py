@@ -13,10 +13,10 @@ to resume from; `Simulation.check` then says which client missed or repeated whi
     sim = Simulation(random.Random(7).random, clients=3, client_factory=MyClient)
     sim.run(500, cut_rate=0.05, slow_rate=0.05, restart_rate=0.01).settle().check()
 
-The simulation itself lives in `wirestate.core.simulation` (pure: no clock, no I/O).
+The simulation itself lives in `wirestate.core.verify.simulation` (pure: no clock, no I/O).
 """
 
-from wirestate.core.simulation import (
+from wirestate.core.verify.simulation import (
     SIM_CONFIG,
     Client,
     ClientReport,

@@ -1,7 +1,7 @@
 """The documentation is true to the code.
 
 - Generated blocks (between ``<!-- BEGIN name … -->`` and ``<!-- END name -->``) equal what
-  ``python -m wirestate.adapters.docs`` renders now.
+  ``python -m wirestate.adapters.tools.docs`` renders now.
 - Runnable blocks run: a fenced block whose info string has the word ``runnable``
   (```` ```python runnable ```` or ```` ```bash runnable ````), in README.md or docs/*.md,
   is executed, each in its own process under a time bound. (README.md's unmarked ``python``
@@ -25,7 +25,7 @@ from typing import Any, get_args
 
 import pytest
 
-from wirestate.adapters import docs
+from wirestate.adapters.tools import docs
 from wirestate.models import wire
 
 ROOT = Path(__file__).parents[1]
@@ -271,7 +271,7 @@ def test_clients_examples_have_the_shape_the_hub_publishes() -> None:
 
 
 def test_circuit_breaker_examples_have_the_shape_sources_publish() -> None:
-    from wirestate.adapters.sources import breaker_event
+    from wirestate.adapters.server.sources import breaker_event
     from wirestate.core.breaker import BreakerState, StateChanged, TransitionCause
 
     change = StateChanged(
@@ -293,7 +293,7 @@ def test_circuit_breaker_examples_have_the_shape_sources_publish() -> None:
 
 
 def test_unavailable_examples_have_the_shape_sources_publish() -> None:
-    from wirestate.adapters.sources import unavailable_status
+    from wirestate.adapters.server.sources import unavailable_status
     from wirestate.core.breaker import BreakerState, PollReason, PollResult
 
     real = unavailable_status(
@@ -326,7 +326,7 @@ def test_readme_links_every_doc() -> None:
 
 
 def test_every_metric_the_docs_name_exists() -> None:
-    from wirestate.adapters.metrics import Metrics
+    from wirestate.adapters.server.metrics import Metrics
 
     exported = set()
     for family in Metrics(lambda: None, dict).registry.collect():

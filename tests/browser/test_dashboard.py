@@ -20,7 +20,7 @@ import orjson
 import pytest
 from websockets.asyncio.client import connect
 
-from wirestate.adapters.server import WirestateServer
+from wirestate.adapters.server.service import WirestateServer
 from wirestate.core.breaker import BreakerConfig
 from wirestate.models.settings import Settings
 

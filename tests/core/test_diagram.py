@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from wirestate.core import diagram
-from wirestate.core.mutants import planted
+from wirestate.core.verify.mutants import planted
 
 DOC = Path(__file__).parents[2] / "docs" / "state-machines.md"
 

@@ -12,7 +12,8 @@ def test_importing_the_core_loads_no_io_modules() -> None:
     code = (
         "import sys\n"
         "import wirestate.core, wirestate.core.hub, wirestate.core.lifecycle\n"
-        "import wirestate.core.explore, wirestate.core.checks, wirestate.core.mutants\n"
+        "import wirestate.core.verify.explore, wirestate.core.verify.checks\n"
+        "import wirestate.core.verify.mutants\n"
         "import wirestate.core.breaker\n"
         f"print([m for m in {FORBIDDEN!r} if m in sys.modules])\n"
     )

@@ -28,8 +28,8 @@ import pytest
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
-from wirestate.adapters import bus as bus_module
-from wirestate.adapters.server import WirestateServer
+from wirestate.adapters.server import bus as bus_module
+from wirestate.adapters.server.service import WirestateServer
 from wirestate.models.settings import Settings
 
 WAIT = 20.0  # the bound on every wait: a failure, never a hang
@@ -463,7 +463,7 @@ async def test_an_asgi_node_and_a_websockets_node_share_the_bus(redis_url: str) 
     from starlette.applications import Starlette
     from starlette.routing import Mount
 
-    from wirestate.adapters.asgi import WirestateASGI
+    from wirestate.adapters.server.transports.asgi import WirestateASGI
 
     t = topic()
     asgi_hub = WirestateASGI(_bus_settings(redis_url))

@@ -1,0 +1,1 @@
+"""Transports: they move a connection's bytes and nothing else."""

@@ -1,0 +1,1445 @@
+"""The circuit breaker and the cached-value fallback: pure, driven by an injected clock.
+
+This module implements BREAKER.md (semantics 1-10, scenarios S01-S33) around the transition
+table in `wirestate.core.breaker.table`. It never reads a clock, sleeps, spawns, or draws
+random numbers: every input carries `now` (monotonic seconds, finite) and jitter comes from an
+injected `rng` callable. Outputs are queued as frozen values and drained by the caller:
+`actions()` gives the `StateChanged` transitions, `call_events()` the call-level events.
+
+Rules and invariants:
+
+- Time is forward progress. The breaker adds up only the non-negative steps between the `now`
+  values it is given; a backwards step counts as 0 and re-anchors (S28), a huge gap is one
+  step (S29). Every duration (open wait, lease, call timeout, time windows) is measured in
+  progress, never as `now - then`; the raw `now` values are only reported (`opened_at`, `at`,
+  `retry_at = now + retry_after`). Durations may be `inf` (S30): arithmetic stays in floats.
+- OPEN -> HALF_OPEN is evaluated lazily in `acquire()` through the single guard
+  `Breaker._wait_elapsed(now)`, with an inclusive boundary (S06, S07). Reads (`snapshot`,
+  `persist`) never change anything.
+- Every input starts the same way: advance progress, drop stale leases past their horizon,
+  then expire trial leases that ran out (HALF_OPEN -> OPEN, S13). Only then is the input
+  applied.
+- Every permit carries the generation it was issued in. Every state change (and `reset()`)
+  starts a new generation; outcomes of older generations change no counter and emit nothing
+  (S11, S25). A permit is settled at most once; later settlements report `ALREADY_SETTLED`
+  and change nothing: a late or duplicate report is a normal race with timeouts and lease
+  expiry, not misuse. A permit this breaker never issued is misuse and raises `ValueError`.
+  Permits of older generations are forgotten once `call_timeout` (else the trial lease) of
+  progress has passed, so lost permits cannot pile up.
+- A permit settled `call_timeout` or more after it was issued is a TIMEOUT failure, even when a
+  value came back (S17).
+- Exactly one `StateChanged` per real state change, in order, appended after the fields have
+  changed; none at construction, on restore, or for same-state requests (S24, S32, S21).
+- Listeners are called after the trigger has returned; one that raises is logged with its
+  exception type only, and never breaks the breaker (S26).
+- Callbacks of the table only change fields and append actions; follow-ups are computed after
+  a trigger returns (STYLE.md rule 4).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from enum import Enum
+from typing import Any, Final, Generic, NamedTuple, TypeAlias, TypeVar
+
+from wirestate.core.breaker.table import (
+    INITIAL,
+    MACHINE,
+    REFUSED,
+    TRANSITIONS,
+    TRIGGERS,
+    BreakerState,
+)
+
+__all__ = [
+    "MACHINE",
+    "NO_VALUE",
+    "REFUSED",
+    "TRANSITIONS",
+    "TRIGGERS",
+    "Backoff",
+    "Breaker",
+    "BreakerConfig",
+    "BreakerSnapshot",
+    "BreakerState",
+    "CacheEntry",
+    "CachedSource",
+    "CallEvent",
+    "CallFailed",
+    "CallIgnored",
+    "CallRejected",
+    "CallSucceeded",
+    "CallTimeout",
+    "CountWindow",
+    "ErrorMatcher",
+    "FailureRateRule",
+    "Outcome",
+    "Permit",
+    "PersistedBreaker",
+    "PollReason",
+    "PollResult",
+    "RejectReason",
+    "Rejected",
+    "Settlement",
+    "SlowCallRule",
+    "StateChanged",
+    "TimeWindow",
+    "TransitionCause",
+    "wall_iso",
+]
+
+_log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+#: An exception type (matched with isinstance) or a predicate on the exception.
+ErrorMatcher: TypeAlias = type[BaseException] | Callable[[BaseException], bool]
+
+
+class CallTimeout(TimeoutError):
+    """Raised or passed by a shell whose call outlived `call_timeout` (a counted failure)."""
+
+
+class _NoValue(Enum):
+    NO_VALUE = "no_value"
+
+
+#: Marks "no value came back" where `None` is a legitimate value.
+NO_VALUE: Final = _NoValue.NO_VALUE
+
+
+# --------------------------------------------------------------------------- configuration
+
+
+def _bad(name: str, requirement: str, value: object) -> ValueError:
+    return ValueError(f"{name} must be {requirement}, got {value!r}")
+
+
+def _check_int(name: str, value: object, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise _bad(name, f"an integer >= {minimum}", value)
+
+
+def _check_duration(name: str, value: object, *, optional: bool = False) -> None:
+    """A duration is a positive number of seconds; `inf` is allowed, NaN is not (S30, S33)."""
+    if value is None and optional:
+        return
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or math.isnan(value)
+        or value <= 0
+    ):
+        raise _bad(name, "a number of seconds > 0 (inf allowed)", value)
+
+
+def _check_percent(name: str, value: object) -> None:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or math.isnan(value)
+        or not 0 < value <= 100
+    ):
+        raise _bad(name, "a percentage in (0, 100]", value)
+
+
+@dataclass(frozen=True)
+class CountWindow:
+    """The last `size` counted calls."""
+
+    size: int
+
+    def __post_init__(self) -> None:
+        _check_int("size", self.size, 1)
+
+
+@dataclass(frozen=True)
+class TimeWindow:
+    """The calls counted during the last `seconds` of forward progress.
+
+    A sample exactly `seconds` old has expired, so at most `ceil(seconds / interval)` samples
+    fit at a fixed cadence (see `BreakerConfig.check_cadence`).
+    """
+
+    seconds: float
+
+    def __post_init__(self) -> None:
+        if (
+            isinstance(self.seconds, bool)
+            or not isinstance(self.seconds, int | float)
+            or math.isnan(self.seconds)
+            or self.seconds < 1
+        ):
+            raise _bad("seconds", "a window size >= 1 s", self.seconds)
+
+
+Window: TypeAlias = CountWindow | TimeWindow
+
+
+def _check_window_rule(prefix: str, window: object, min_calls: object) -> None:
+    if not isinstance(window, CountWindow | TimeWindow):
+        raise _bad(f"{prefix}.window", "a CountWindow or a TimeWindow", window)
+    _check_int(f"{prefix}.min_calls", min_calls, 1)
+    # resilience4j clamps; rejecting says at construction that the rule could never fire (S19).
+    if isinstance(window, CountWindow) and isinstance(min_calls, int) and min_calls > window.size:
+        raise ValueError(
+            f"{prefix}.min_calls ({min_calls}) exceeds the window size ({window.size}): "
+            "the rule could never fire"
+        )
+
+
+def _exceeded(threshold: float, min_calls: int, calls: int, hits: int) -> bool:
+    # Inclusive (S19: 3/6 meets 50 %), compared without dividing.
+    return calls >= min_calls and hits * 100 >= threshold * calls
+
+
+@dataclass(frozen=True, kw_only=True)
+class FailureRateRule:
+    """Rate mode (off by default, D1): trip when, over `window`, at least `min_calls` calls
+    were counted and at least `threshold` percent of them failed. It replaces the consecutive
+    rule; `consecutive_failures` is still reported."""
+
+    threshold: float = 50.0
+    window: Window = field(default_factory=lambda: CountWindow(10))
+    min_calls: int = 5
+
+    def __post_init__(self) -> None:
+        _check_percent("failure_rate.threshold", self.threshold)
+        _check_window_rule("failure_rate", self.window, self.min_calls)
+
+    def exceeded(self, calls: int, failures: int) -> bool:
+        return _exceeded(self.threshold, self.min_calls, calls, failures)
+
+
+@dataclass(frozen=True, kw_only=True)
+class SlowCallRule:
+    """Optional slow-call rule (S18): a counted call lasting strictly more than `duration`
+    seconds is slow; trip when, over `window`, at least `min_calls` calls were counted and at
+    least `rate_threshold` percent of them were slow. A slow success is still a success."""
+
+    duration: float
+    rate_threshold: float = 100.0
+    window: Window = field(default_factory=lambda: CountWindow(5))
+    min_calls: int = 5
+
+    def __post_init__(self) -> None:
+        _check_duration("slow_call.duration", self.duration)
+        _check_percent("slow_call.rate_threshold", self.rate_threshold)
+        _check_window_rule("slow_call", self.window, self.min_calls)
+
+    def exceeded(self, calls: int, slow: int) -> bool:
+        return _exceeded(self.rate_threshold, self.min_calls, calls, slow)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Backoff:
+    """Exponential open duration (S27): attempt n waits `min(max, base * multiplier**(n-1))`,
+    then jittered by a factor in `[1 - jitter, 1 + jitter)` and capped at `max` again.
+
+    `base=None` means the config's `reset_timeout`. The attempt count is the number of
+    openings since the breaker was last CLOSED.
+    """
+
+    base: float | None = None
+    multiplier: float = 2.0
+    max: float = 3600.0
+    jitter: float = 0.0
+
+    def __post_init__(self) -> None:
+        _check_duration("backoff.base", self.base, optional=True)
+        if (
+            isinstance(self.multiplier, bool)
+            or not isinstance(self.multiplier, int | float)
+            or not self.multiplier >= 1  # also rejects NaN
+            or math.isinf(self.multiplier)
+        ):
+            raise _bad("backoff.multiplier", "a finite number >= 1", self.multiplier)
+        _check_duration("backoff.max", self.max)
+        if self.base is not None and self.max < self.base:
+            raise _bad("backoff.max", f">= backoff.base ({self.base})", self.max)
+        if (
+            isinstance(self.jitter, bool)
+            or not isinstance(self.jitter, int | float)
+            or not 0 <= self.jitter < 1
+        ):
+            raise _bad("backoff.jitter", "a fraction in [0, 1)", self.jitter)
+
+    def duration(self, attempt: int, base: float, u: float = 0.5) -> float:
+        """The open duration of `attempt` (>= 1), with `u` in [0, 1) drawn for the jitter.
+
+        Pure; never raises `OverflowError`: a power too large for a float is `inf`, then capped.
+        """
+        try:
+            # floats throughout: int ** int would build an exact giant integer instead
+            wait = float(base) * float(self.multiplier) ** max(0, attempt - 1)
+        except OverflowError:
+            wait = math.inf
+        wait = min(wait, float(self.max))
+        if self.jitter:
+            wait = min(wait * (1 + self.jitter * (2 * u - 1)), self.max)
+        return wait
+
+
+@dataclass(frozen=True, kw_only=True)
+class BreakerConfig:
+    """What a breaker does; validated at construction (S33: `ValueError` naming the field).
+
+    Defaults are the original service's: 5 consecutive failures open it for 300 s, one trial
+    permit, one success closes it.
+
+    - `half_open_max_wait`: how long a trial permit may stay unsettled before its lease
+      expires (S13). `None` means `call_timeout` when that is set, else 60 s.
+    - `call_timeout`: a permit settled this long after it was issued is a TIMEOUT failure.
+    - `ignore`: errors that count as neither success nor failure (exception types or
+      predicates, D6). `success_on`: errors that count as a success. Checked in that order.
+    - `is_failure_result`: a returned value for which it is true is a failure (S16).
+    A predicate that raises is logged (type name only) and its call counts as a failure.
+    """
+
+    failure_threshold: int = 5
+    reset_timeout: float = 300.0
+    success_threshold: int = 1
+    half_open_max_calls: int = 1
+    half_open_max_wait: float | None = None
+    call_timeout: float | None = None
+    backoff: Backoff | None = None
+    failure_rate: FailureRateRule | None = None
+    slow_call: SlowCallRule | None = None
+    ignore: tuple[ErrorMatcher, ...] = ()
+    success_on: tuple[ErrorMatcher, ...] = ()
+    is_failure_result: Callable[[Any], bool] | None = None
+
+    def __post_init__(self) -> None:
+        _check_int("failure_threshold", self.failure_threshold, 1)
+        _check_duration("reset_timeout", self.reset_timeout)
+        _check_int("success_threshold", self.success_threshold, 1)
+        _check_int("half_open_max_calls", self.half_open_max_calls, 1)
+        _check_duration("half_open_max_wait", self.half_open_max_wait, optional=True)
+        _check_duration("call_timeout", self.call_timeout, optional=True)
+        if self.backoff is not None:
+            if not isinstance(self.backoff, Backoff):
+                raise _bad("backoff", "a Backoff or None", self.backoff)
+            if self.backoff.max < self.first_wait:
+                raise _bad("backoff.max", f">= the base wait ({self.first_wait})", self.backoff.max)
+        if self.failure_rate is not None and not isinstance(self.failure_rate, FailureRateRule):
+            raise _bad("failure_rate", "a FailureRateRule or None", self.failure_rate)
+        if self.slow_call is not None and not isinstance(self.slow_call, SlowCallRule):
+            raise _bad("slow_call", "a SlowCallRule or None", self.slow_call)
+        for name in ("ignore", "success_on"):
+            matchers = getattr(self, name)
+            if not isinstance(matchers, tuple) or not all(
+                (isinstance(m, type) and issubclass(m, BaseException)) or callable(m)
+                for m in matchers
+            ):
+                raise _bad(name, "a tuple of exception types or predicates", matchers)
+        if self.is_failure_result is not None and not callable(self.is_failure_result):
+            raise _bad("is_failure_result", "a predicate or None", self.is_failure_result)
+
+    @property
+    def first_wait(self) -> float:
+        """The open duration of the first opening (before jitter)."""
+        if self.backoff is not None and self.backoff.base is not None:
+            return self.backoff.base
+        return self.reset_timeout
+
+    @property
+    def lease(self) -> float:
+        """The effective `half_open_max_wait`."""
+        if self.half_open_max_wait is not None:
+            return self.half_open_max_wait
+        return self.call_timeout if self.call_timeout is not None else 60.0
+
+    def check_cadence(self, poll_interval: float) -> None:
+        """Reject rate rules that can never fire at this poll cadence (S20).
+
+        A time window of W seconds holds at most `ceil(W / poll_interval)` samples from one
+        poller; a `min_calls` above that is a `ValueError` naming `min_calls`.
+        """
+        _check_duration("poll_interval", poll_interval)
+        rules: list[tuple[str, Window, int]] = []
+        if self.failure_rate is not None:
+            rules.append(("failure_rate", self.failure_rate.window, self.failure_rate.min_calls))
+        if self.slow_call is not None:
+            rules.append(("slow_call", self.slow_call.window, self.slow_call.min_calls))
+        for prefix, window, min_calls in rules:
+            if isinstance(window, TimeWindow) and math.isfinite(window.seconds):
+                fits = math.ceil(window.seconds / poll_interval)
+                if min_calls > fits:
+                    raise ValueError(
+                        f"{prefix}.min_calls ({min_calls}) can never be reached: a "
+                        f"{window.seconds:g} s window holds at most {fits} polls every "
+                        f"{poll_interval:g} s"
+                    )
+
+
+# --------------------------------------------------------------------------- values
+
+
+class TransitionCause(Enum):
+    """Why a state changed (carried by every `StateChanged`)."""
+
+    FAILURE_THRESHOLD = "failure_threshold"
+    FAILURE_RATE = "failure_rate"
+    SLOW_CALL_RATE = "slow_call_rate"
+    TRIAL_FAILED = "trial_failed"
+    LEASE_EXPIRED = "lease_expired"
+    WAIT_ELAPSED = "wait_elapsed"
+    TRIALS_SUCCEEDED = "trials_succeeded"
+    FORCED = "forced"
+    DISABLED = "disabled"
+    RESET = "reset"
+
+
+class RejectReason(Enum):
+    CIRCUIT_OPEN = "circuit_open"
+    HALF_OPEN_BUSY = "half_open_busy"
+    FORCED_OPEN = "forced_open"
+
+
+class Outcome(Enum):
+    """How a settlement was classified (semantics 5 and 6)."""
+
+    SUCCESS = "success"
+    FAILURE = "failure"
+    TIMEOUT = "timeout"
+    IGNORED = "ignored"
+    CANCELLED = "cancelled"
+    #: a trial lease ran out before the permit was settled (only in `CallFailed`)
+    EXPIRED = "expired"
+    #: the permit had already been settled, expired, or dropped: nothing happened
+    ALREADY_SETTLED = "already_settled"
+
+
+@dataclass(frozen=True)
+class Permit:
+    """Permission for one call. Settle it exactly once with `on_success`, `on_failure`,
+    `on_ignored`, `on_cancelled` or `settle`, passing it back to the breaker that issued it."""
+
+    breaker: str
+    id: int
+    generation: int
+    started_at: float
+    trial: bool
+
+
+@dataclass(frozen=True)
+class Rejected:
+    """No permit: make no call. `retry_after` is in seconds (`inf` while forced open)."""
+
+    reason: RejectReason
+    retry_after: float
+
+
+@dataclass(frozen=True)
+class Settlement:
+    """What settling a permit did. `current`: the permit was of the current generation.
+    `counted`: the breaker's counters took it (false when stale, disabled, ignored...)."""
+
+    outcome: Outcome
+    current: bool
+    counted: bool
+
+
+@dataclass(frozen=True)
+class StateChanged:
+    """One real state change. `retry_at` (monotonic) is when a trial is due after entering
+    OPEN, `inf` after entering FORCED_OPEN, else None."""
+
+    breaker: str
+    from_state: BreakerState
+    to_state: BreakerState
+    at: float
+    failures: int
+    retry_at: float | None
+    cause: TransitionCause
+
+
+@dataclass(frozen=True)
+class CallRejected:
+    breaker: str
+    at: float
+    reason: RejectReason
+    retry_after: float
+
+
+@dataclass(frozen=True)
+class CallSucceeded:
+    breaker: str
+    at: float
+    permit_id: int
+    duration: float
+    slow: bool
+
+
+@dataclass(frozen=True)
+class CallFailed:
+    """A counted failure: `outcome` is FAILURE, TIMEOUT or EXPIRED; `error` a type name."""
+
+    breaker: str
+    at: float
+    permit_id: int
+    duration: float
+    outcome: Outcome
+    error: str | None
+
+
+@dataclass(frozen=True)
+class CallIgnored:
+    breaker: str
+    at: float
+    permit_id: int
+    duration: float
+    error: str | None
+
+
+CallEvent: TypeAlias = CallRejected | CallSucceeded | CallFailed | CallIgnored
+
+
+@dataclass(frozen=True)
+class BreakerSnapshot:
+    """A pure read of a breaker at `at` (S07).
+
+    - `retry_after`: seconds until `acquire()` could next be granted a permit: 0 in CLOSED,
+      DISABLED and HALF_OPEN with a free trial slot; the remaining wait in OPEN (0 once
+      `probe_due`); in a busy HALF_OPEN, the time until the oldest trial lease runs out;
+      `inf` in FORCED_OPEN. Never negative, never more than the open duration.
+    - `retry_at`: `at + retry_after`, None in CLOSED and DISABLED.
+    - `retry_at_wall`: `retry_at` on the wall clock when a `wall_offset` was given and the
+      value is finite, else None.
+    - `wait`: the open duration of the current (or next) opening.
+    - `failure_window`, `slow_window`: (calls, hits) in the rate rules' windows at `at`, None
+      when the rule is off.
+    """
+
+    name: str
+    state: BreakerState
+    at: float
+    opened_at: float | None
+    retry_at: float | None
+    retry_after: float
+    retry_at_wall: float | None
+    probe_due: bool
+    consecutive_failures: int
+    trial_successes: int
+    trials_in_flight: int
+    attempt: int
+    generation: int
+    wait: float
+    failure_window: tuple[int, int] | None
+    slow_window: tuple[int, int] | None
+
+
+@dataclass(frozen=True, kw_only=True)
+class PersistedBreaker:
+    """What survives a restart (S32). Only wall-clock times: monotonic readings are not
+    comparable across processes. `opened_at_wall` is required for OPEN."""
+
+    state: BreakerState
+    consecutive_failures: int = 0
+    attempt: int = 0
+    opened_at_wall: float | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.state, BreakerState):
+            raise _bad("state", "a BreakerState", self.state)
+        _check_int("consecutive_failures", self.consecutive_failures, 0)
+        _check_int("attempt", self.attempt, 0)
+        if self.state is BreakerState.OPEN and (
+            not isinstance(self.opened_at_wall, int | float)
+            or not math.isfinite(self.opened_at_wall)
+        ):
+            raise _bad("opened_at_wall", "a finite wall time for OPEN", self.opened_at_wall)
+
+
+def wall_iso(wall: float | None) -> str | None:
+    """ISO 8601 UTC text for wall-clock seconds, or None when there is no displayable time
+    (None, inf, NaN, or outside `datetime`'s range): never `OverflowError` (S30)."""
+    if wall is None or not math.isfinite(wall):
+        return None
+    try:
+        moment = datetime.fromtimestamp(wall, tz=UTC)
+    except (OverflowError, ValueError, OSError):
+        return None
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+# --------------------------------------------------------------------------- the breaker
+
+
+class _Lease(NamedTuple):
+    permit: Permit
+    progress: float  # forward progress when it was issued
+
+
+class _Samples:
+    """Outcome samples of one rate rule, stamped with forward progress (so samples never come
+    "from the future", S28)."""
+
+    def __init__(self, window: Window) -> None:
+        self._window = window
+        maxlen = window.size if isinstance(window, CountWindow) else None
+        self._samples: deque[tuple[float, bool]] = deque(maxlen=maxlen)
+
+    def _live(self, progress: float) -> list[bool]:
+        window = self._window
+        if isinstance(window, CountWindow):
+            return [hit for _, hit in self._samples]
+        return [hit for at, hit in self._samples if progress < at + window.seconds]
+
+    def counts(self, progress: float) -> tuple[int, int]:
+        """(calls, hits) in the window at `progress`."""
+        live = self._live(progress)
+        return len(live), sum(live)
+
+    def counts_with(self, hit: bool, progress: float) -> tuple[int, int]:
+        """(calls, hits) if a sample were added now; pure."""
+        live = self._live(progress)
+        if isinstance(self._window, CountWindow) and len(live) == self._window.size:
+            live = live[1:]
+        return len(live) + 1, sum(live) + hit
+
+    def add(self, hit: bool, progress: float) -> None:
+        window = self._window
+        if isinstance(window, TimeWindow):
+            while self._samples and progress >= self._samples[0][0] + window.seconds:
+                self._samples.popleft()
+        self._samples.append((progress, hit))
+
+    def clear(self) -> None:
+        self._samples.clear()
+
+
+_REJECT_REASON: Final = {
+    BreakerState.OPEN: RejectReason.CIRCUIT_OPEN,
+    BreakerState.HALF_OPEN: RejectReason.HALF_OPEN_BUSY,
+    BreakerState.FORCED_OPEN: RejectReason.FORCED_OPEN,
+}
+
+_CAUSE_BY_TRIGGER: Final = {
+    "probe": TransitionCause.WAIT_ELAPSED,
+    "expire": TransitionCause.LEASE_EXPIRED,
+    "force_open": TransitionCause.FORCED,
+    "disable": TransitionCause.DISABLED,
+    "reset": TransitionCause.RESET,
+}
+
+
+def _error_name(error: BaseException | None) -> str | None:
+    return None if error is None else type(error).__name__
+
+
+def _callable_name(fn: object) -> str:
+    return str(getattr(fn, "__qualname__", type(fn).__qualname__))
+
+
+class Breaker:
+    """A circuit breaker for one upstream (D10). A plain object with identity equality, fired
+    through the shared `MACHINE`; not thread-safe (the adapters call it from one event loop).
+
+    Use: `acquire(now)` before each call; with a `Permit`, make the call and settle the permit
+    exactly once; with `Rejected`, make no call. Drain `actions()` and `call_events()` after
+    each input. Every method taking `now` raises `ValueError` for a non-finite `now`; settling
+    a permit this breaker did not issue raises `ValueError`.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        config: BreakerConfig | None = None,
+        *,
+        rng: Callable[[], float] | None = None,
+    ) -> None:
+        """`rng` returns floats in [0, 1) and is required when the backoff has jitter
+        (`ValueError` otherwise); a value outside [0, 1] is treated as 0.5 (no jitter)."""
+        self.name = name
+        self.config = config if config is not None else BreakerConfig()
+        if self.config.backoff is not None and self.config.backoff.jitter and rng is None:
+            raise ValueError("rng is required when backoff.jitter > 0")
+        self._rng = rng
+        #: Written by the transitions machine only.
+        self.state: BreakerState = INITIAL
+        self._consecutive = 0
+        self._trial_successes = 0
+        self._attempt = 0
+        self._generation = 0
+        self._opened_at: float | None = None
+        self._opened_progress = 0.0
+        self._wait = self.config.first_wait
+        self._progress = 0.0  # forward progress at the last input (see _progress_at)
+        self._offset = 0.0
+        self._last_now: float | None = None
+        self._next_id = 1
+        self._leases: dict[int, _Lease] = {}
+        rate, slow = self.config.failure_rate, self.config.slow_call
+        self._fail_window = _Samples(rate.window) if rate is not None else None
+        self._slow_window = _Samples(slow.window) if slow is not None else None
+        self._actions: list[StateChanged] = []
+        self._calls: list[CallEvent] = []
+        self._listeners: list[Callable[[StateChanged], None]] = []
+        self._undispatched: list[StateChanged] = []
+
+    def __repr__(self) -> str:
+        return f"<Breaker {self.name!r} {self.state.value} gen={self._generation}>"
+
+    # ----------------------------------------------------------------- read-only views
+
+    @property
+    def consecutive_failures(self) -> int:
+        return self._consecutive
+
+    @property
+    def attempt(self) -> int:
+        """Openings since the breaker was last CLOSED (the backoff's attempt count)."""
+        return self._attempt
+
+    @property
+    def generation(self) -> int:
+        return self._generation
+
+    @property
+    def opened_at(self) -> float | None:
+        """The `now` at which the breaker last entered OPEN (None outside OPEN/HALF_OPEN)."""
+        return self._opened_at
+
+    # ----------------------------------------------------------------- inputs
+
+    def acquire(self, now: float) -> Permit | Rejected:
+        """Ask to make one call at `now`. In OPEN this is where HALF_OPEN is entered once the
+        wait has elapsed (lazily, S07). Extra callers in HALF_OPEN are rejected at once (S10)."""
+        self._begin_input(now)
+        if self.state is BreakerState.OPEN:
+            self._fire("probe", now)
+        state = self.state
+        result: Permit | Rejected
+        if state is BreakerState.CLOSED or state is BreakerState.DISABLED:
+            result = self._issue(now, trial=False)
+        elif (
+            state is BreakerState.HALF_OPEN
+            and self._trials_in_flight() < self.config.half_open_max_calls
+        ):
+            result = self._issue(now, trial=True)
+        else:
+            result = Rejected(_REJECT_REASON[state], self._retry_after(self._progress))
+            self._calls.append(CallRejected(self.name, now, result.reason, result.retry_after))
+        self._dispatch()
+        return result
+
+    def on_success(self, permit: Permit, now: float) -> Settlement:
+        """The call succeeded (a TIMEOUT failure if it took `call_timeout` or longer)."""
+        return self._settle(permit, now, Outcome.SUCCESS, None)
+
+    def on_failure(
+        self, permit: Permit, now: float, error: BaseException | None = None
+    ) -> Settlement:
+        """The call failed: a counted failure, TIMEOUT if `error` is a `TimeoutError` or the
+        call took `call_timeout` or longer. The caller's own classification: `ignore` and
+        `success_on` are applied by `settle()`, not here."""
+        outcome = Outcome.TIMEOUT if isinstance(error, TimeoutError) else Outcome.FAILURE
+        return self._settle(permit, now, outcome, error)
+
+    def on_ignored(
+        self, permit: Permit, now: float, error: BaseException | None = None
+    ) -> Settlement:
+        """Neither success nor failure: the permit is released, no counter moves (S15)."""
+        return self._settle(permit, now, Outcome.IGNORED, error)
+
+    def on_cancelled(self, permit: Permit, now: float) -> Settlement:
+        """The call was cancelled or interrupted: the permit is released, nothing is counted
+        and no event is emitted (S14). The caller re-raises the cancellation."""
+        return self._settle(permit, now, Outcome.CANCELLED, None)
+
+    def classify(self, *, value: object = NO_VALUE, error: BaseException | None = None) -> Outcome:
+        """The configured classification (semantics 6), before the call-timeout rule:
+        non-`Exception` errors are CANCELLED; then `ignore` -> IGNORED; `success_on` ->
+        SUCCESS; a `TimeoutError` -> TIMEOUT; any other error -> FAILURE; a value for which
+        `is_failure_result` is true -> FAILURE; else SUCCESS. Pure apart from logging."""
+        cfg = self.config
+        if error is not None:
+            if not isinstance(error, Exception):
+                return Outcome.CANCELLED
+            if self._matches("ignore", cfg.ignore, error):
+                return Outcome.IGNORED
+            if self._matches("success_on", cfg.success_on, error):
+                return Outcome.SUCCESS
+            return Outcome.TIMEOUT if isinstance(error, TimeoutError) else Outcome.FAILURE
+        if cfg.is_failure_result is not None and value is not NO_VALUE:
+            try:
+                bad = bool(cfg.is_failure_result(value))
+            except Exception as exc:
+                self._predicate_failed("is_failure_result", exc)
+                return Outcome.FAILURE
+            if bad:
+                return Outcome.FAILURE
+        return Outcome.SUCCESS
+
+    def settle(
+        self,
+        permit: Permit,
+        now: float,
+        *,
+        value: object = NO_VALUE,
+        error: BaseException | None = None,
+    ) -> Settlement:
+        """Classify the call's result (`classify`) and settle the permit accordingly.
+
+        A cancellation (any non-`Exception` error: `CancelledError`, `KeyboardInterrupt`,
+        `SystemExit`) releases the permit uncounted and is then re-raised (S14, D7). Passing
+        both `value` and `error` is a `ValueError`.
+        """
+        if value is not NO_VALUE and error is not None:
+            raise ValueError("settle() takes a value or an error, not both")
+        outcome = self.classify(value=value, error=error)
+        if error is not None and outcome is Outcome.CANCELLED:
+            self.on_cancelled(permit, now)
+            raise error
+        return self._settle(permit, now, outcome, error)
+
+    def force_open(self, now: float) -> bool:
+        """Hold the breaker open until `reset()` or `disable()`; it never half-opens by itself
+        and a pending trial is cancelled (S21). True when the state changed."""
+        return self._manual("force_open", now)
+
+    def disable(self, now: float) -> bool:
+        """Pass every call through and record nothing until `reset()` (S22)."""
+        return self._manual("disable", now)
+
+    def reset(self, now: float) -> bool:
+        """Back to CLOSED with counters, windows and backoff cleared; permits issued before
+        become stale. Emits an event only when the state changes (S23)."""
+        return self._manual("reset", now)
+
+    # ----------------------------------------------------------------- outputs and reads
+
+    def actions(self) -> list[StateChanged]:
+        """Drain the `StateChanged` values queued since the last call, oldest first."""
+        out, self._actions = self._actions, []
+        return out
+
+    def call_events(self) -> list[CallEvent]:
+        """Drain the call-level events queued since the last call, oldest first. Stale and
+        duplicate settlements and cancellations emit none."""
+        out, self._calls = self._calls, []
+        return out
+
+    def add_listener(self, listener: Callable[[StateChanged], None]) -> None:
+        """Call `listener` with every later `StateChanged`, after the change (in addition to
+        `actions()`). A listener that raises an `Exception` is logged and skipped (S26)."""
+        self._listeners.append(listener)
+
+    def remove_listener(self, listener: Callable[[StateChanged], None]) -> None:
+        self._listeners.remove(listener)
+
+    def snapshot(self, now: float, *, wall_offset: float | None = None) -> BreakerSnapshot:
+        """A pure read at `now` (S07): nothing changes, nothing is emitted, even when the wait
+        has elapsed (`probe_due`). `wall_offset` (wall minus monotonic seconds) fills
+        `retry_at_wall`."""
+        self._check_now(now)
+        progress = self._progress_at(now)
+        retry_after = self._retry_after(progress)
+        retry_at = (
+            None
+            if self.state in (BreakerState.CLOSED, BreakerState.DISABLED)
+            else now + retry_after
+        )
+        retry_at_wall = None
+        if retry_at is not None and wall_offset is not None:
+            wall = retry_at + wall_offset
+            retry_at_wall = wall if math.isfinite(wall) else None
+        return BreakerSnapshot(
+            name=self.name,
+            state=self.state,
+            at=now,
+            opened_at=self._opened_at,
+            retry_at=retry_at,
+            retry_after=retry_after,
+            retry_at_wall=retry_at_wall,
+            probe_due=self.state is BreakerState.OPEN and self._wait_elapsed(now),
+            consecutive_failures=self._consecutive,
+            trial_successes=self._trial_successes,
+            trials_in_flight=self._trials_in_flight(),
+            attempt=self._attempt,
+            generation=self._generation,
+            wait=self._wait,
+            failure_window=None
+            if self._fail_window is None
+            else self._fail_window.counts(progress),
+            slow_window=None if self._slow_window is None else self._slow_window.counts(progress),
+        )
+
+    def persist(self, now: float, wall_now: float) -> PersistedBreaker:
+        """What to save for a restart, with the opening expressed on the wall clock."""
+        self._check_now(now)
+        opened_at_wall = None
+        if self.state is BreakerState.OPEN:
+            opened_at_wall = wall_now - self._open_elapsed(now)
+        return PersistedBreaker(
+            state=self.state,
+            consecutive_failures=self._consecutive,
+            attempt=self._attempt,
+            opened_at_wall=opened_at_wall,
+        )
+
+    @classmethod
+    def restore(
+        cls,
+        name: str,
+        config: BreakerConfig | None,
+        saved: PersistedBreaker,
+        *,
+        now: float,
+        wall_now: float,
+        rng: Callable[[], float] | None = None,
+    ) -> Breaker:
+        """A breaker in the saved state, emitting nothing (S32). An OPEN breaker keeps its
+        timer: the wall time already spent open counts, and an opening "in the future" (clock
+        skew) counts as now, so the remaining wait is never more than the open duration. A
+        saved HALF_OPEN resumes with no trial in flight (those permits died with the process)."""
+        breaker = cls(name, config, rng=rng)
+        breaker._begin_input(now)
+        breaker.state = saved.state
+        breaker._consecutive = saved.consecutive_failures
+        breaker._attempt = saved.attempt
+        if saved.state is BreakerState.OPEN:
+            assert saved.opened_at_wall is not None  # checked by PersistedBreaker
+            spent = max(0.0, wall_now - saved.opened_at_wall)
+            breaker._attempt = max(1, saved.attempt)
+            breaker._opened_at = now - spent
+            breaker._opened_progress = breaker._progress - spent
+            breaker._wait = breaker._open_duration(breaker._attempt)
+        return breaker
+
+    # ----------------------------------------------------------------- the guard
+
+    def _wait_elapsed(self, now: float) -> bool:
+        """THE guard for OPEN -> HALF_OPEN: the open duration of forward progress has passed
+        since the breaker opened, boundary included (S06, S28). Pure."""
+        # Compared as deadlines (`opened + wait`), like retry_at, so that polling at exactly
+        # the reported retry_at is never a rounding error short of the boundary.
+        return self._progress_at(now) >= self._opened_progress + self._wait
+
+    def _open_elapsed(self, now: float) -> float:
+        return self._progress_at(now) - self._opened_progress
+
+    # ----------------------------------------------------------------- plumbing
+
+    @staticmethod
+    def _check_now(now: float) -> None:
+        if isinstance(now, bool) or not isinstance(now, int | float) or not math.isfinite(now):
+            raise ValueError(f"now must be finite monotonic seconds, got {now!r}")
+
+    def _progress_at(self, now: float) -> float:
+        # Progress is `now` plus the sum of the backwards steps seen so far. With a clock that
+        # never goes back the offset stays 0.0, so elapsed times are plain `now - then`, with no
+        # rounding drift from adding up steps (the S06 boundary stays exact).
+        last = self._last_now
+        if last is not None and now < last:
+            return last + self._offset
+        return now + self._offset
+
+    def _begin_input(self, now: float) -> None:
+        self._check_now(now)
+        last = self._last_now
+        if last is not None and now < last:
+            self._offset += last - now
+        self._last_now = now
+        self._progress = now + self._offset
+        self._drop_stale_leases()
+        self._expire_trials(now)
+
+    def _drop_stale_leases(self) -> None:
+        # A stale permit past this horizon would be a timeout (or an expired lease) anyway, so
+        # its settlement could change nothing: forget it, so that lost permits cannot pile up.
+        cfg = self.config
+        horizon = cfg.call_timeout if cfg.call_timeout is not None else cfg.lease
+        for pid, lease in list(self._leases.items()):
+            if (
+                lease.permit.generation != self._generation
+                and self._progress >= lease.progress + horizon
+            ):
+                del self._leases[pid]
+
+    def _expire_trials(self, now: float) -> None:
+        if self.state is not BreakerState.HALF_OPEN:
+            return
+        expired = [
+            lease
+            for lease in self._current_trials()
+            if self._progress >= lease.progress + self.config.lease
+        ]
+        if not expired:
+            return
+        for lease in expired:
+            del self._leases[lease.permit.id]
+            self._calls.append(
+                CallFailed(
+                    self.name,
+                    now,
+                    lease.permit.id,
+                    self._progress - lease.progress,
+                    Outcome.EXPIRED,
+                    None,
+                )
+            )
+        self._fire("expire", now)
+
+    def _current_trials(self) -> list[_Lease]:
+        gen = self._generation
+        return [
+            lease
+            for lease in self._leases.values()
+            if lease.permit.trial and lease.permit.generation == gen
+        ]
+
+    def _trials_in_flight(self) -> int:
+        return len(self._current_trials())
+
+    def _retry_after(self, progress: float) -> float:
+        state = self.state
+        if state is BreakerState.OPEN:
+            return max(0.0, self._opened_progress + self._wait - progress)
+        if state is BreakerState.FORCED_OPEN:
+            return math.inf
+        if state is BreakerState.HALF_OPEN:
+            trials = self._current_trials()
+            if len(trials) >= self.config.half_open_max_calls:
+                oldest = min(lease.progress for lease in trials)
+                return max(0.0, oldest + self.config.lease - progress)
+        return 0.0
+
+    def _issue(self, now: float, *, trial: bool) -> Permit:
+        permit = Permit(self.name, self._next_id, self._generation, now, trial)
+        self._next_id += 1
+        self._leases[permit.id] = _Lease(permit, self._progress)
+        return permit
+
+    def _settle(
+        self, permit: Permit, now: float, outcome: Outcome, error: BaseException | None
+    ) -> Settlement:
+        if (
+            not isinstance(permit, Permit)
+            or permit.breaker != self.name
+            or not 0 < permit.id < self._next_id
+        ):
+            raise ValueError(f"{permit!r} was not issued by breaker {self.name!r}")
+        known = self._leases.get(permit.id)
+        if known is not None and known.permit != permit:
+            raise ValueError(f"{permit!r} does not match the permit this breaker issued")
+        self._begin_input(now)
+        lease = self._leases.pop(permit.id, None)
+        if lease is None:
+            self._dispatch()
+            return Settlement(Outcome.ALREADY_SETTLED, current=False, counted=False)
+        duration = self._progress - lease.progress
+        timeout = self.config.call_timeout
+        overdue = timeout is not None and self._progress >= lease.progress + timeout
+        if overdue and outcome in (Outcome.SUCCESS, Outcome.FAILURE):
+            outcome = Outcome.TIMEOUT
+        current = permit.generation == self._generation
+        counted = False
+        if current and outcome is not Outcome.CANCELLED:
+            self._calls.append(self._call_event(permit, now, duration, outcome, error))
+            if self.state is not BreakerState.DISABLED and outcome is not Outcome.IGNORED:
+                trigger = "success" if outcome is Outcome.SUCCESS else "failure"
+                self._fire(trigger, now, duration=duration)
+                counted = True
+        self._dispatch()
+        return Settlement(outcome, current=current, counted=counted)
+
+    def _call_event(
+        self,
+        permit: Permit,
+        now: float,
+        duration: float,
+        outcome: Outcome,
+        error: BaseException | None,
+    ) -> CallEvent:
+        if outcome is Outcome.SUCCESS:
+            slow = self.config.slow_call is not None and duration > self.config.slow_call.duration
+            return CallSucceeded(self.name, now, permit.id, duration, slow)
+        if outcome is Outcome.IGNORED:
+            return CallIgnored(self.name, now, permit.id, duration, _error_name(error))
+        return CallFailed(self.name, now, permit.id, duration, outcome, _error_name(error))
+
+    def _manual(self, trigger: str, now: float) -> bool:
+        self._begin_input(now)
+        before = self.state
+        self._fire(trigger, now)
+        self._dispatch()
+        return self.state is not before
+
+    def _fire(self, trigger: str, now: float, **kwargs: float) -> bool:
+        return bool(MACHINE.events[trigger].trigger(self, now=now, **kwargs))
+
+    def _dispatch(self) -> None:
+        if not self._undispatched:
+            return
+        pending, self._undispatched = self._undispatched, []
+        for change in pending:
+            for listener in list(self._listeners):
+                try:
+                    listener(change)
+                except Exception as exc:
+                    # Only the type: exception text may carry upstream data (STYLE.md rule 6).
+                    _log.error(
+                        "breaker %s: listener %s raised %s; ignored",
+                        self.name,
+                        _callable_name(listener),
+                        type(exc).__name__,
+                    )
+
+    def _matches(self, what: str, matchers: tuple[ErrorMatcher, ...], error: Exception) -> bool:
+        for matcher in matchers:
+            if isinstance(matcher, type):
+                if isinstance(error, matcher):
+                    return True
+                continue
+            try:
+                if matcher(error):
+                    return True
+            except Exception as exc:
+                self._predicate_failed(what, exc)
+        return False
+
+    def _predicate_failed(self, what: str, exc: Exception) -> None:
+        _log.error(
+            "breaker %s: %s predicate raised %s; the call counts as a failure",
+            self.name,
+            what,
+            type(exc).__name__,
+        )
+
+    def _open_duration(self, attempt: int) -> float:
+        backoff = self.config.backoff
+        if backoff is None:
+            return self.config.reset_timeout
+        u = 0.5
+        if backoff.jitter and self._rng is not None:
+            u = self._rng()
+            if not 0.0 <= u <= 1.0:  # also NaN: a misbehaving rng must not break a transition
+                u = 0.5
+        return backoff.duration(attempt, self.config.first_wait, u)
+
+    # ----------------------------------------------------------------- table guards
+
+    def _probe_due(self, ev: Any) -> bool:
+        # send_event=True passes EventData; the decision itself is _wait_elapsed, looked up on
+        # the class at each call so that a test can replace it.
+        return self._wait_elapsed(ev.kwargs["now"])
+
+    def _trips_on_failure(self, ev: Any) -> bool:
+        rate = self.config.failure_rate
+        if rate is None:
+            if self._consecutive + 1 >= self.config.failure_threshold:
+                return True
+        else:
+            assert self._fail_window is not None
+            if rate.exceeded(*self._fail_window.counts_with(True, self._progress)):
+                return True
+        return self._slow_trips(ev.kwargs.get("duration", 0.0))
+
+    def _trips_on_success(self, ev: Any) -> bool:
+        return self._slow_trips(ev.kwargs.get("duration", 0.0))
+
+    def _slow_trips(self, duration: float) -> bool:
+        rule = self.config.slow_call
+        if rule is None:
+            return False
+        assert self._slow_window is not None
+        return rule.exceeded(
+            *self._slow_window.counts_with(duration > rule.duration, self._progress)
+        )
+
+    def _trials_suffice(self, ev: Any) -> bool:
+        return self._trial_successes + 1 >= self.config.success_threshold
+
+    # ----------------------------------------------------------------- table callbacks
+
+    def _record_sample(self, failed: bool, duration: float) -> None:
+        if self._fail_window is not None:
+            self._fail_window.add(failed, self._progress)
+        if self._slow_window is not None:
+            assert self.config.slow_call is not None
+            self._slow_window.add(duration > self.config.slow_call.duration, self._progress)
+
+    def _count_failure(self, ev: Any) -> None:
+        self._consecutive += 1
+        if self.state is BreakerState.CLOSED:
+            self._record_sample(True, ev.kwargs.get("duration", 0.0))
+
+    def _count_success(self, ev: Any) -> None:
+        self._consecutive = 0
+        self._record_sample(False, ev.kwargs.get("duration", 0.0))
+
+    def _count_trial_success(self, ev: Any) -> None:
+        self._trial_successes += 1
+        self._consecutive = 0
+
+    def _enter_open(self, ev: Any) -> None:
+        self._opened_at = ev.kwargs["now"]
+        self._opened_progress = self._progress
+        self._attempt += 1
+        self._wait = self._open_duration(self._attempt)
+        self._trial_successes = 0
+        self._generation += 1
+
+    def _enter_half_open(self, ev: Any) -> None:
+        self._trial_successes = 0
+        self._generation += 1
+
+    def _enter_closed(self, ev: Any) -> None:
+        self._consecutive = 0
+        self._trial_successes = 0
+        self._attempt = 0
+        self._opened_at = None
+        self._wait = self.config.first_wait
+        for window in (self._fail_window, self._slow_window):
+            if window is not None:
+                window.clear()
+        self._generation += 1
+
+    def _enter_forced_open(self, ev: Any) -> None:
+        self._opened_at = None
+        self._trial_successes = 0
+        self._generation += 1
+
+    _enter_disabled = _enter_forced_open
+
+    def _record_change(self, ev: Any) -> None:
+        if ev.transition.dest is None:
+            return
+        source = BreakerState[ev.transition.source]
+        now = ev.kwargs["now"]
+        retry_at: float | None = None
+        if self.state is BreakerState.OPEN:
+            retry_at = now + self._wait
+        elif self.state is BreakerState.FORCED_OPEN:
+            retry_at = math.inf
+        change = StateChanged(
+            self.name,
+            source,
+            self.state,
+            now,
+            self._consecutive,
+            retry_at,
+            self._cause(ev.event.name, source),
+        )
+        self._actions.append(change)
+        self._undispatched.append(change)
+
+    def _cause(self, trigger: str, source: BreakerState) -> TransitionCause:
+        if trigger in _CAUSE_BY_TRIGGER:
+            return _CAUSE_BY_TRIGGER[trigger]
+        if source is BreakerState.HALF_OPEN:
+            if trigger == "failure":
+                return TransitionCause.TRIAL_FAILED
+            return TransitionCause.TRIALS_SUCCEEDED
+        if trigger == "failure":
+            rate = self.config.failure_rate
+            if rate is None:
+                if self._consecutive >= self.config.failure_threshold:
+                    return TransitionCause.FAILURE_THRESHOLD
+            else:
+                assert self._fail_window is not None
+                if rate.exceeded(*self._fail_window.counts(self._progress)):
+                    return TransitionCause.FAILURE_RATE
+        return TransitionCause.SLOW_CALL_RATE
+
+
+# --------------------------------------------------------------------------- the fallback
+
+
+class PollReason(Enum):
+    """Why a poll result looks the way it does. The reason always names the cause, also
+    when there is no cached value to serve (S05: `value=None, reason=CIRCUIT_OPEN`); see
+    `PollResult.no_data`. NO_DATA is the reason of `CachedSource.latest()` before anything
+    was ever fetched."""
+
+    FRESH = "fresh"
+    UPSTREAM_ERROR = "upstream_error"
+    TIMEOUT = "timeout"
+    CIRCUIT_OPEN = "circuit_open"
+    HALF_OPEN_BUSY = "half_open_busy"
+    FORCED_OPEN = "forced_open"
+    NO_DATA = "no_data"
+
+
+@dataclass(frozen=True)
+class CacheEntry(Generic[T]):
+    value: T
+    fetched_at: float  # the monotonic `now` at which the call that produced it completed
+
+
+@dataclass(frozen=True)
+class PollResult(Generic[T]):
+    """One poll's answer; never an exception (semantics 7).
+
+    FRESH: `value` was just fetched, `stale=False`, `age=0`. Otherwise the last good value
+    with `stale=True`, its original `fetched_at` and `age = now - fetched_at` (never
+    negative), or, with nothing cached, `value=None, stale=False, fetched_at=None, age=None`.
+    `error` is the exception's type name only (no text: it may carry upstream data).
+    `state` and `retry_after` are the breaker's after this poll.
+    """
+
+    value: T | None
+    stale: bool
+    fetched_at: float | None
+    age: float | None
+    state: BreakerState
+    reason: PollReason
+    error: str | None = None
+    retry_after: float = 0.0
+
+    @property
+    def no_data(self) -> bool:
+        """Nothing has been fetched yet: there is no value to serve."""
+        return self.fetched_at is None
+
+
+class CachedSource(Generic[T]):
+    """One upstream source behind its own breaker (D10), with the last good value.
+
+    Sans-I/O: `begin(now)` then, if a `Permit` came back, make the call and hand its result to
+    `complete(...)` (or `cancel(...)` before re-raising a cancellation). `poll(fetch, now)`
+    does both around a synchronous callable. Only a FRESH result changes the cache; a failed,
+    ignored, rejected or late call never refreshes `fetched_at` (semantics 7).
+
+    A success of an older generation that is not a timeout (S25, a slow manual refresh
+    finishing after the breaker opened) counts for nothing in the breaker but its value is
+    real: it is cached and returned FRESH with the breaker's current state. Arrival order
+    defines "newer": completion times only go backwards with the clock itself.
+    """
+
+    def __init__(
+        self,
+        breaker: Breaker,
+        *,
+        cached: CacheEntry[T] | None = None,
+        poll_interval: float | None = None,
+    ) -> None:
+        """With `poll_interval`, rate rules that could never fire at that cadence are a
+        `ValueError` naming `min_calls` (S20)."""
+        if poll_interval is not None:
+            breaker.config.check_cadence(poll_interval)
+        self._breaker = breaker
+        self._cached = cached
+        self._last: PollResult[T] | None = None
+
+    @property
+    def breaker(self) -> Breaker:
+        return self._breaker
+
+    @property
+    def cached(self) -> CacheEntry[T] | None:
+        return self._cached
+
+    def begin(self, now: float) -> Permit | PollResult[T]:
+        """A permit to make the call, or the fallback result when the breaker rejects (no call
+        must be made then)."""
+        got = self._breaker.acquire(now)
+        if isinstance(got, Permit):
+            return got
+        return self._fallback(now, PollReason(got.reason.value), None, got.retry_after)
+
+    def complete(
+        self,
+        permit: Permit,
+        now: float,
+        *,
+        value: T | _NoValue = NO_VALUE,
+        error: BaseException | None = None,
+    ) -> PollResult[T]:
+        """Settle `permit` with the call's value or error (`Breaker.settle`) and answer.
+
+        Cancellations are released uncounted and re-raised. A permit that had already been
+        settled (timed out, lease expired) is a TIMEOUT result and its value is discarded
+        (S17). Exactly one of `value` and `error` must be given (`ValueError`).
+        """
+        if (value is NO_VALUE) == (error is None):
+            raise ValueError("complete() takes exactly one of value= and error=")
+        settled = self._breaker.settle(permit, now, value=value, error=error)
+        if settled.outcome is Outcome.SUCCESS and not isinstance(value, _NoValue):
+            self._cached = CacheEntry(value, now)
+            return self._answer(
+                PollResult(
+                    value,
+                    stale=False,
+                    fetched_at=now,
+                    age=0.0,
+                    state=self._breaker.state,
+                    reason=PollReason.FRESH,
+                    retry_after=self._breaker.snapshot(now).retry_after,
+                )
+            )
+        timed_out = settled.outcome in (Outcome.TIMEOUT, Outcome.ALREADY_SETTLED)
+        reason = PollReason.TIMEOUT if timed_out else PollReason.UPSTREAM_ERROR
+        retry_after = self._breaker.snapshot(now).retry_after
+        return self._fallback(now, reason, _error_name(error), retry_after)
+
+    def cancel(self, permit: Permit, now: float) -> None:
+        """Release `permit` uncounted; the caller then re-raises its cancellation (S14)."""
+        self._breaker.on_cancelled(permit, now)
+
+    def poll(
+        self,
+        fetch: Callable[[], T],
+        now: float,
+        *,
+        clock: Callable[[], float] | None = None,
+    ) -> PollResult[T]:
+        """Call `fetch()` through the breaker, synchronously. `clock`, if given, is read once
+        after `fetch` finishes for the completion time (else the call took no time).
+
+        Every `Exception` from `fetch` becomes a result; cancellations and interpreter exits
+        (`BaseException`) release the permit and propagate (S14).
+        """
+        got = self.begin(now)
+        if isinstance(got, PollResult):
+            return got
+        try:
+            value = fetch()
+        except BaseException as exc:
+            # Classified (and, for a cancellation, re-raised) by complete(); nothing is hidden.
+            return self.complete(got, clock() if clock is not None else now, error=exc)
+        return self.complete(got, clock() if clock is not None else now, value=value)
+
+    def latest(self, now: float) -> PollResult[T]:
+        """What a new subscriber gets at `now` without a poll: the last result, re-aged, with
+        the breaker's current state; before the first poll, the primed cache as stale (reason
+        NO_DATA: nothing has been fetched by this process yet) or `value=None, NO_DATA`.
+        Pure."""
+        snap = self._breaker.snapshot(now)
+        last = self._last
+        if last is None:
+            return self._fallback(now, PollReason.NO_DATA, None, snap.retry_after, remember=False)
+        age = None if last.fetched_at is None else max(0.0, now - last.fetched_at)
+        return replace(last, age=age, state=snap.state, retry_after=snap.retry_after)
+
+    def _fallback(
+        self,
+        now: float,
+        reason: PollReason,
+        error: str | None,
+        retry_after: float,
+        *,
+        remember: bool = True,
+    ) -> PollResult[T]:
+        cached, state = self._cached, self._breaker.state
+        if cached is None:
+            result: PollResult[T] = PollResult(
+                None, False, None, None, state, reason, error, retry_after
+            )
+        else:
+            age = max(0.0, now - cached.fetched_at)
+            result = PollResult(
+                cached.value, True, cached.fetched_at, age, state, reason, error, retry_after
+            )
+        return self._answer(result) if remember else result
+
+    def _answer(self, result: PollResult[T]) -> PollResult[T]:
+        self._last = result
+        return result

@@ -1,0 +1,3 @@
+"""The verification kit: invariant checks, exhaustive explorers, planted bugs, Hypothesis
+state machines and the deterministic simulation. It imports the runtime; the runtime never
+imports it."""

@@ -1,0 +1,138 @@
+"""``wirestate client --reconnect`` against the real server: resume across a cut."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+
+import orjson
+import pytest
+
+from wirestate.adapters.client.follow import follow
+from wirestate.adapters.client.subscriber import Backoff
+from wirestate.adapters.server.service import WirestateServer
+from wirestate.adapters.tools import cli
+from wirestate.models.settings import Settings
+
+WAIT = 10.0
+
+
+@pytest.fixture
+async def server() -> WirestateServer:  # type: ignore[misc]
+    srv = WirestateServer(Settings.model_validate({"server": {"port": 0}}), epoch="follow")
+    async with srv:
+        yield srv
+
+
+async def subscribed(srv: WirestateServer) -> None:
+    def ready() -> bool:
+        topic = srv.hub.topics.get("t") if srv.hub else None
+        return topic is not None and len(topic.subscribers) >= 1
+
+    async with asyncio.timeout(WAIT):
+        while not ready():  # noqa: ASYNC110 - no event for a subscriber count
+            await asyncio.sleep(0.005)
+
+
+async def test_follow_resumes_across_a_cut_with_no_duplicate(server: WirestateServer) -> None:
+    out, err = io.StringIO(), io.StringIO()
+    task = asyncio.create_task(
+        follow(
+            server.url,
+            ["t"],
+            count=6,
+            json_lines=True,
+            out=out,
+            err=err,
+            backoff=Backoff(base=0.01, cap=0.05, attempts=20),
+        )
+    )
+    await subscribed(server)
+    for i in range(3):
+        await server.publish("t", {"i": i})
+    async with asyncio.timeout(WAIT):
+        while out.getvalue().count('"type":"event"') < 3:  # noqa: ASYNC110
+            await asyncio.sleep(0.005)
+    for client in list(server._clients.values()):
+        client.ws.transport.abort()  # cut it server-side
+    for i in range(3, 6):
+        await server.publish("t", {"i": i})  # published while it is away
+    assert await asyncio.wait_for(task, WAIT) == 0
+    lines = [orjson.loads(line) for line in out.getvalue().splitlines()]
+    assert [m["seq"] for m in lines if m.get("type") == "event"] == [1, 2, 3, 4, 5, 6]
+    summary = lines[-1]["summary"]
+    assert (summary["events"], summary["gaps"]) == (6, 0)
+    assert summary["reconnects"] >= 1
+
+
+async def test_follow_says_when_the_server_cannot_be_reached() -> None:
+    out, err = io.StringIO(), io.StringIO()
+    code = await follow(
+        "ws://127.0.0.1:9/ws",
+        ["t"],
+        out=out,
+        err=err,
+        backoff=Backoff(base=0.001, cap=0.002, attempts=2),
+    )
+    assert code == 1
+    assert "is `wirestate serve` running?" in err.getvalue()
+
+
+async def test_follow_stops_after_its_duration_and_prints_a_summary(
+    server: WirestateServer,
+) -> None:
+    out, err = io.StringIO(), io.StringIO()
+    code = await follow(server.url, ["t"], duration=0.2, out=out, err=err)
+    assert code == 0
+    assert "followed for" in out.getvalue()
+    assert "0 events, 0 gaps, 0 reconnects" in out.getvalue()
+
+
+async def test_the_cli_flag_selects_follow(server: WirestateServer) -> None:
+    buf = io.StringIO()
+    argv = ["client", server.url, "--topic", "t", "--count", "1", "--reconnect"]
+    running = asyncio.create_task(asyncio.to_thread(cli.main, argv, buf))
+    await subscribed(server)
+    await server.publish("t", {"hello": 1})
+    assert await asyncio.wait_for(running, WAIT) == 0
+    text = buf.getvalue()
+    assert "t #1 " in text
+    assert "1 events, 0 gaps" in text
+
+
+async def test_follow_prints_a_gap_for_what_history_lost() -> None:
+    settings = Settings.model_validate({"server": {"port": 0}, "history": {"size": 1}})
+    async with WirestateServer(settings, epoch="gaps") as srv:
+        out, err = io.StringIO(), io.StringIO()
+        task = asyncio.create_task(
+            follow(
+                srv.url,
+                ["t"],
+                count=2,
+                out=out,
+                err=err,
+                backoff=Backoff(base=0.01, cap=0.05, attempts=20),
+            )
+        )
+        await subscribed(srv)
+        await srv.publish("t", {"i": 0})
+        async with asyncio.timeout(WAIT):
+            while "t #1 " not in out.getvalue():  # noqa: ASYNC110
+                await asyncio.sleep(0.005)
+        for client in list(srv._clients.values()):
+            client.ws.transport.abort()
+        for i in range(1, 4):
+            await srv.publish("t", {"i": i})  # seq 2..4; history keeps only 4
+        assert await asyncio.wait_for(task, WAIT) == 0
+        text = out.getvalue()
+        assert "!! GAP t: events #2..#3 will not be delivered (history_evicted)" in text
+        assert "t #4 " in text
+        assert "2 events, 1 gaps" in text
+
+
+async def test_follow_never_prints_a_token(server: WirestateServer) -> None:
+    out, err = io.StringIO(), io.StringIO()
+    code = await follow(server.url + "?token=abc.def.ghi", ["t"], duration=0.2, out=out, err=err)
+    assert code == 0
+    assert "abc.def.ghi" not in out.getvalue()
+    assert "token=***" in out.getvalue()

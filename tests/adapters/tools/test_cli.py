@@ -1,0 +1,186 @@
+"""The command line, run in-process (and once through the installed console script)."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from wirestate.adapters.tools import cli
+
+
+def run(*argv: str) -> tuple[int, str]:
+    out = io.StringIO()
+    code = cli.main(list(argv), stdout=out)
+    return code, out.getvalue()
+
+
+def test_check_passes_on_the_clean_core() -> None:
+    code, out = run("check", "--clients", "2", "--depth", "4", "--breaker-depth", "4")
+    assert code == 0
+    assert "lifecycle: 2 clients:" in out
+    assert "breaker: 1 breaker:" in out
+    assert out.count("every invariant holds") == 2
+
+
+def test_check_with_a_planted_bug_prints_the_shortest_trace_and_exits_1() -> None:
+    code, out = run("check", "--plant", "early_unregister", "--depth", "6", "--breaker-depth", "0")
+    assert code == 1
+    assert "VIOLATION invariant 1: c0 unregistered while its writer still runs" in out
+    assert "shortest trace (4 steps):" in out
+    assert out.splitlines()[-4:] == [
+        "   1. accept c0",
+        "   2. start c0",
+        "   3. peer_close c0",
+        "   4. unregister c0",
+    ]
+
+
+def test_check_refuses_a_bad_depth(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        run("check", "--depth", "0")
+    assert exc.value.code == 2
+    assert "--depth: must be >= 1, got 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        run("check", "--clients", "two")
+    assert "'two' is not a whole number" in capsys.readouterr().err
+
+
+def test_check_stops_at_max_states() -> None:
+    code, out = run("check", "--max-states", "100", "--breaker-depth", "0")
+    assert code == 0
+    assert "100 distinct states" in out
+
+
+def test_diagram_mermaid_and_dot_to_a_file(tmp_path: Path) -> None:
+    code, out = run("diagram", "lifecycle")
+    assert code == 0
+    assert out.startswith("---\ntitle: Connection lifecycle\n---\nstateDiagram-v2")
+    target = tmp_path / "breaker.dot"
+    assert run("diagram", "breaker", "--format", "dot", "-o", str(target))[0] == 0
+    assert target.read_text().startswith('digraph "Circuit breaker"')
+
+
+def test_diagram_svg_without_graphviz_says_what_to_do(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    code, out = run("diagram", "lifecycle", "--format", "svg")
+    assert code == 2
+    assert out == ""
+    assert "apt-get install graphviz" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(
+    shutil.which("dot") is None and not os.environ.get("CI"),
+    reason="Graphviz's dot is not installed (CI installs it)",
+)
+def test_diagram_svg_with_graphviz() -> None:
+    code, out = run("diagram", "lifecycle", "--format", "svg")
+    assert code == 0
+    assert "<svg" in out
+    assert "unregistered" in out
+
+
+def test_schema_has_both_directions() -> None:
+    code, out = run("schema")
+    assert code == 0
+    doc = json.loads(out)
+    assert {"client_to_server", "server_to_client"} <= set(doc)
+
+
+def test_the_console_script_is_installed() -> None:
+    exe = Path(sys.executable).with_name("wirestate")
+    done = subprocess.run([str(exe), "--help"], capture_output=True, text=True, check=True)
+    assert "check" in done.stdout
+    assert "diagram" in done.stdout
+
+
+def test_serve_refuses_a_bad_config_naming_the_key(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "wirestate.toml"
+    config.write_text("[server]\nprot = 12080\n")
+    code, out = run("serve", "--config", str(config))
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "invalid configuration" in err
+    assert "server.prot" in err
+    assert out == ""
+
+
+def test_serve_says_when_the_port_is_taken(capsys: pytest.CaptureFixture[str]) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        code, _ = run("serve", "--port", str(port))
+    assert code == 1
+    assert f"cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
+
+
+def test_fuzz_refuses_a_remote_url(capsys: pytest.CaptureFixture[str]) -> None:
+    code, _ = run("fuzz", "ws://192.0.2.1:12080/ws", "--examples", "1")
+    assert code == 2
+    assert "wirestate fuzz:" in capsys.readouterr().err
+
+
+def test_fuzz_against_a_running_server() -> None:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    exe = Path(sys.executable).with_name("wirestate")
+    server = subprocess.Popen([str(exe), "serve", "--port", str(port)], stderr=subprocess.PIPE)
+    try:
+        import time
+
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                break
+            except OSError:
+                time.sleep(0.05)
+        code, out = run(
+            "fuzz", f"ws://127.0.0.1:{port}/ws", "--examples", "5", "--steps", "10", "--seed", "1"
+        )
+        assert code == 0, out
+        assert "every promise held" in out
+    finally:
+        server.terminate()
+        server.wait(10)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["serve", "--loop", "uvloop", "--port", "0"],
+        [
+            "loadtest",
+            "--url",
+            "ws://127.0.0.1:9/ws",
+            "--clients",
+            "1",
+            "--duration",
+            "1",
+            "--loop",
+            "uvloop",
+        ],
+    ],
+)
+def test_uvloop_asked_for_but_missing_says_what_to_install(
+    argv: list[str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setitem(sys.modules, "uvloop", None)  # import uvloop -> ImportError
+    assert cli.main(argv, stdout=io.StringIO()) == 2
+    assert "needs uvloop: pip install 'wirestate[fast]'" in capsys.readouterr().err

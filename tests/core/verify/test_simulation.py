@@ -1,0 +1,241 @@
+"""The deterministic simulation: same seed, same run; the default client keeps every property
+under cuts, slow readers and restarts; broken reconnect logic is caught and named."""
+
+from __future__ import annotations
+
+import random
+import subprocess
+import sys
+from typing import Any
+
+import pytest
+
+from wirestate.core.causes import OverflowPolicy
+from wirestate.core.hub import HubConfig
+from wirestate.core.verify.simulation import SIM_CONFIG, Rates, ResumingClient, Simulation, Since
+
+SEEDS = range(6)
+FAULTS: dict[str, Any] = {"cut_rate": 0.05, "slow_rate": 0.05, "restart_rate": 0.01}
+
+
+def small(policy: OverflowPolicy) -> HubConfig:
+    return HubConfig(
+        ping_interval=5.0,
+        ping_timeout=2.0,
+        close_timeout=1.0,
+        send_queue_size=6,
+        history_size=3,
+        default_overflow=policy,
+    )
+
+
+def sim(seed: int, **kwargs: Any) -> Simulation:
+    return Simulation(random.Random(seed).random, **kwargs)
+
+
+# -- determinism -----------------------------------------------------------------------------
+
+
+def test_the_same_seed_gives_the_same_trace_and_report() -> None:
+    runs = [sim(3, topics=("a", "b")).run(300, **FAULTS).settle() for _ in range(2)]
+    assert runs[0].report() == runs[1].report()
+    assert runs[0].trace == runs[1].trace
+    other = sim(4, topics=("a", "b")).run(300, **FAULTS).settle()
+    assert other.report() != runs[0].report()
+
+
+def test_the_simulation_module_imports_no_random_and_no_io() -> None:
+    code = (
+        "import sys, wirestate.testing\n"
+        "print([m for m in ('random', 'asyncio', 'socket', 'time') if m in sys.modules])\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout
+    # `random` may be loaded by a dependency; the module itself must not name it.
+    assert "asyncio" not in out
+    assert "socket" not in out
+    import wirestate.core.verify.simulation as module
+
+    assert "random" not in vars(module)
+    assert "import random" not in open(module.__file__, encoding="utf-8").read()  # noqa: SIM115
+
+
+# -- properties under faults -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("policy", list(OverflowPolicy))
+@pytest.mark.parametrize("seed", SEEDS)
+def test_the_resuming_client_keeps_every_property_under_faults(
+    policy: OverflowPolicy, seed: int
+) -> None:
+    s = sim(seed, clients=3, topics=("a", "b"), config=small(policy))
+    s.run(400, **FAULTS)
+    s.check()  # mid-run: no hole below what each client has heard of
+    s.settle().check()
+    r = s.report()
+    assert r.published > 100
+    assert r.cuts > 0
+    assert all(c.reconnects > 0 for c in r.clients)
+    assert r.delivered > r.published  # three clients
+
+
+@pytest.mark.parametrize("policy", list(OverflowPolicy))
+def test_faults_really_happen_for_each_policy(policy: OverflowPolicy) -> None:
+    reports = [sim(seed, config=small(policy)).run(400, **FAULTS).settle() for seed in SEEDS]
+    for s in reports:
+        s.check()
+    gaps = [g for s in reports for c in s.report().clients for gs in c.gaps.values() for g in gs]
+    reasons = {reason for _, _, reason in gaps}
+    assert "history_evicted" in reasons
+    assert "epoch_changed" in reasons
+    assert sum(s.restarts for s in reports) > 0
+    if policy is OverflowPolicy.DISCONNECT:
+        assert sum(s.server_closes for s in reports) > 0
+        assert "slow_consumer" not in reasons
+    else:
+        assert "slow_consumer" in reasons
+
+
+def test_a_slow_reader_that_misses_its_pongs_is_closed_and_comes_back() -> None:
+    s = sim(0, clients=1)
+    s.slots[0].slow = 100
+    for _ in range(6):
+        s.publish("t")
+        s.step(Rates(publish=0.0, cut=0.0, slow=0.0, tick=1.0))  # time passes to each deadline
+    assert "keepalive_timeout" in " ".join(s.trace)
+    s.settle().check()
+    assert s.report().clients[0].reconnects == 1
+
+
+def test_the_default_config_and_rates() -> None:
+    s = sim(1).run(200).settle()
+    s.check()
+    assert s.config is SIM_CONFIG
+    assert s.report().steps == 200
+
+
+# -- broken reconnect logic is caught --------------------------------------------------------
+
+
+class SkipsOne(ResumingClient):
+    """Resumes from the seq after the last one it has: skips an event on every resume."""
+
+    def resume_since(self) -> Since:
+        return {t: (seq + 1, self.epochs[t]) for t, seq in self.last.items()}
+
+
+class NeverResumes(ResumingClient):
+    def resume_since(self) -> Since:
+        return {}
+
+
+class ForgetsEpoch(ResumingClient):
+    """Counts seqs without epochs: after a restart it resumes into the new sequence."""
+
+    def on_frame(self, msg: dict[str, Any]) -> None:
+        if msg["type"] == "subscribed":
+            for topic in msg["topics"]:
+                self.last.setdefault(topic, 0)
+        else:
+            super().on_frame(msg)
+
+    def resume_since(self) -> Since:
+        return dict(self.last)
+
+
+@pytest.mark.parametrize("client", [SkipsOne, NeverResumes])
+@pytest.mark.parametrize("seed", SEEDS)
+def test_a_client_that_does_not_resume_correctly_is_caught(
+    client: type[ResumingClient], seed: int
+) -> None:
+    s = sim(seed, client_factory=client).run(300, **FAULTS).settle()
+    with pytest.raises(AssertionError, match=r"client c\d: topic 't' epoch 'e\d+': seq \d+ "):
+        s.check()
+
+
+def test_a_client_that_forgets_the_epoch_is_caught() -> None:
+    s = sim(0, clients=1, client_factory=ForgetsEpoch)
+    for _ in range(3):
+        s.publish("t")
+    s.settle().check()  # it has seqs 1..3 of epoch e0
+    s.cut("c0")
+    s.publish("t")  # seq 4 of e0: the client never sees it
+    s.restart()
+    for _ in range(5):
+        s.publish("t")  # seqs 1..5 of e1
+    s.settle()  # resumes with since=3: the hub replays 4..5 of e1 as if nothing happened
+    with pytest.raises(
+        AssertionError,
+        match="client c0: topic 't' epoch 'e0': seq 4 published while subscribed was "
+        "neither received nor inside a gap",
+    ):
+        s.check()
+
+
+def test_the_default_client_passes_the_same_scenario() -> None:
+    s = sim(0, clients=1)
+    for _ in range(3):
+        s.publish("t")
+    s.settle()
+    s.cut("c0")
+    s.publish("t")
+    s.restart()
+    for _ in range(5):
+        s.publish("t")
+    s.settle().check()
+    (c,) = s.report().clients
+    assert c.received == {("e0", "t"): (1, 2, 3), ("e1", "t"): (5,)}  # the retained latest
+    assert c.gaps == {("e0", "t"): ((4, None, "epoch_changed"),)}
+
+
+def test_duplicates_and_reordering_are_named() -> None:
+    s = sim(0, clients=1)
+    s.slots[0].received[("e0", "t")] = [1, 2, 2]
+    with pytest.raises(AssertionError, match="seq 2 received after 2 is a duplicate"):
+        s.check()
+    s.slots[0].received[("e0", "t")] = [1, 3, 2]
+    with pytest.raises(AssertionError, match="seq 2 received after 3 is out of order"):
+        s.check()
+
+
+def test_a_client_left_behind_by_settle_is_named() -> None:
+    s = sim(0, clients=2).settle()
+    s.cut("c1")
+    s.cut("c1")  # a cut of a client that is down does nothing
+    s.settle(max_rounds=0)
+    with pytest.raises(AssertionError, match="client c1: not connected and drained"):
+        s.check()
+
+
+def test_a_refused_subscription_is_named() -> None:
+    config = HubConfig(max_subscriptions=1)
+    s = sim(0, clients=1, topics=("a", "b"), config=config).settle()
+    with pytest.raises(AssertionError, match="client c0: topic 'a' not subscribed in epoch 'e0'"):
+        s.check()
+
+
+# -- misuse and the public package -----------------------------------------------------------
+
+
+def test_misuse_raises() -> None:
+    with pytest.raises(ValueError, match="at least one client"):
+        sim(0, clients=0)
+    with pytest.raises(ValueError, match="at least one client"):
+        sim(0, topics=())
+    with pytest.raises(ValueError, match="sum to at most 1"):
+        Rates(publish=0.9, cut=0.2)
+    with pytest.raises(ValueError, match=r"in \[0, 1\]"):
+        Rates(slow=-0.1)
+    with pytest.raises(KeyError):
+        sim(0).cut("nobody")
+
+
+def test_users_import_it_from_wirestate_testing() -> None:
+    from wirestate import testing
+
+    assert testing.Simulation is Simulation
+    assert testing.ResumingClient is ResumingClient
+    s = testing.Simulation(random.Random(7).random, clients=2, topics=("x",))
+    s.run(200, cut_rate=0.1, slow_rate=0.05, restart_rate=0.01).settle().check()
+    assert isinstance(s.report(), testing.Report)
