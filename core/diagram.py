@@ -72,17 +72,16 @@ def _terminal(machine: Machine, states: type[Enum]) -> list[Enum]:
     return [s for s in states if s.value not in leaving]
 
 
-#: name -> (machine getter, states, initial, title). Getters, so a diagram always draws the
-#: machine currently in force.
-MACHINES: dict[str, tuple[Any, type[Enum], Enum, str]] = {
+#: name -> (machine, states, initial, title).
+MACHINES: dict[str, tuple[Machine, type[Enum], Enum, str]] = {
     "lifecycle": (
-        lambda: lifecycle.MACHINE,
+        lifecycle.MACHINE,
         lifecycle.ConnState,
         lifecycle.ConnState.HANDSHAKING,
         "Connection lifecycle",
     ),
     "breaker": (
-        lambda: breaker_table.MACHINE,
+        breaker_table.MACHINE,
         breaker_table.BreakerState,
         breaker_table.INITIAL,
         "Circuit breaker",
@@ -90,8 +89,9 @@ MACHINES: dict[str, tuple[Any, type[Enum], Enum, str]] = {
 }
 
 
-def render(name: str, fmt: str) -> str:
-    """``render("lifecycle", "mermaid")``; ``fmt`` is ``mermaid`` or ``dot``."""
-    get, states, initial, title = MACHINES[name]
+def render(name: str, fmt: str, machine: Machine | None = None) -> str:
+    """``render("lifecycle", "mermaid")``; ``fmt`` is ``mermaid`` or ``dot``. ``machine``
+    draws another table of the same states (a mutant's, ``Engine.machine``)."""
+    default, states, initial, title = MACHINES[name]
     draw = {"mermaid": mermaid, "dot": dot}[fmt]
-    return draw(get(), states, initial, title)
+    return draw(machine or default, states, initial, title)

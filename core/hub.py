@@ -40,10 +40,11 @@ from typing import Any, Final
 
 import orjson
 
-from wirestate.core import lifecycle
 from wirestate.core.actions import Abort, Action, Ping
 from wirestate.core.causes import CloseCause, ErrorCode, GapReason, OverflowPolicy
 from wirestate.core.lifecycle import CLOSING_STATES, PUMPS, ConnState
+from wirestate.core.lifecycle import ENGINE as LIFECYCLE
+from wirestate.core.machine import Engine
 
 S = ConnState
 PROTOCOL_VERSION: Final = 1
@@ -267,12 +268,20 @@ class Hub:
     ``epoch`` names this node's sequence space (the adapter passes a fresh random id at
     start): a client resuming with another epoch is told ``epoch_changed``. ``wall_offset``
     is added to ``now`` to stamp events (``ts``) without the core reading a wall clock.
+    ``lifecycle`` is the engine that runs the connection table: the real one, unless a
+    checker hands in a mutant to prove it would catch the bug.
     """
 
     def __init__(
-        self, config: HubConfig | None = None, *, epoch: str = "0", wall_offset: float = 0.0
+        self,
+        config: HubConfig | None = None,
+        *,
+        epoch: str = "0",
+        wall_offset: float = 0.0,
+        lifecycle: Engine[ConnState] = LIFECYCLE,
     ) -> None:
         self.config = config or HubConfig()
+        self.lifecycle = lifecycle
         self.epoch = epoch
         self.wall_offset = wall_offset
         self.clients: dict[str, Connection] = {}  # the registry
@@ -733,6 +742,7 @@ class Hub:
         (none of their inputs resumes with ``since``) and which cost a third of a copy."""
         other = Hub.__new__(Hub)
         other.config = self.config
+        other.lifecycle = self.lifecycle
         other.epoch = self.epoch
         other.wall_offset = self.wall_offset
         other.stats = self.stats
@@ -757,7 +767,7 @@ class Hub:
 
     def _fire(self, conn: Connection, trigger: str, now: float, **kwargs: Any) -> None:
         before = conn.state
-        lifecycle.fire(conn, trigger, now=now, out=self._actions, **kwargs)
+        self.lifecycle.fire(conn, trigger, now=now, out=self._actions, **kwargs)
         after = conn.state
         if after is before:
             return

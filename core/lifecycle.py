@@ -11,7 +11,7 @@ Rules of this module (the checker in `wirestate.core.verify.explore` and the Hyp
   pumps have finished, and only once (``unregistered`` absorbs every later input). This is
   the guard the original Go handler lacked: it unregistered when ``readPump`` returned,
   whatever its writer was doing.
-* Every transition into a closing state records a `CloseCause` (``_record_cause``); the first
+* Every transition into a closing state records a `CloseCause` (``record_cause``); the first
   cause wins, later ones are ignored. A transition without one is a caller error.
 * ``accepting`` (may events be queued for this client?) is true only in ``registering`` and
   ``open``; it drops when closing begins and never comes back.
@@ -20,28 +20,21 @@ Rules of this module (the checker in `wirestate.core.verify.explore` and the Hyp
   example reporting the writer finished twice); peers cannot cause them, because the hub
   only fires triggers for inputs its adapter observed.
 
-One module-level ``MACHINE`` (``model=None``) defines the lifecycle for all connections: a
-connection is a plain object with a ``state`` attribute, never registered with ``add_model``
-(which costs O(n) per add and ~50 GC-tracked objects per connection; shared/notes/
-tech-notes.md, section 1). ``fire(conn, trigger, ...)`` runs a transition. It executes the
-machine's own transitions and callbacks through a dispatch dict compiled from ``MACHINE``
-(recompiled whenever ``MACHINE`` is replaced, as the mutation tests do): a
-``MACHINE.events[name].trigger`` call costs 12-15 us on these hosts, five of them per
-connection would overspend the core's 50 us budget, and the dict costs about 1 us. The
-compiler refuses machine features it does not execute (conditions, state callbacks...), and
-a test fires every (state, trigger) pair both ways and requires identical results.
+The table runs on the core's one engine (`wirestate.core.machine.Engine`): ``ENGINE`` is
+compiled from ``TRANSITIONS`` and shared by every connection, which is a plain object with a
+``state`` attribute; a hub is handed another engine only by the checkers, to plant a bug.
 """
 
 from __future__ import annotations
 
-import logging
 from enum import StrEnum
 from typing import Any
 
-from transitions import EventData, Machine, MachineError
+from transitions import EventData
 
 from wirestate.core.actions import Close, Reject, Unregistered
 from wirestate.core.causes import CLOSE_CODE, CloseCause
+from wirestate.core.machine import Engine, build_machine
 
 
 class ConnState(StrEnum):
@@ -85,7 +78,7 @@ PUMPS: dict[ConnState, tuple[bool, bool]] = {
 TERMINAL = frozenset({S.REJECTED, S.UNREGISTERED})
 
 
-def _record_cause(ev: EventData) -> None:
+def record_cause(ev: EventData) -> None:
     """Entering a closing state: record the cause, stop accepting, queue the close.
 
     Only rows that leave a state without a cause run it (later rows into closing have no
@@ -107,12 +100,12 @@ def _record_cause(ev: EventData) -> None:
         out.append(Close(conn.client_id, conn.close_code, cause, cause.value))
 
 
-def _accepting(ev: EventData) -> None:
+def start_accepting(ev: EventData) -> None:
     conn: Any = ev.model
     conn.accepting = True
 
 
-def _unregistered(ev: EventData) -> None:
+def report_unregistered(ev: EventData) -> None:
     conn: Any = ev.model
     ev.kwargs["out"].append(
         Unregistered(conn.client_id, conn.cause, conn.close_code, ev.kwargs["now"] - conn.opened_at)
@@ -121,13 +114,13 @@ def _unregistered(ev: EventData) -> None:
 
 #: The table. Order matters only where a trigger has several rows for one source (none do).
 TRANSITIONS: list[dict[str, Any]] = [
-    {"trigger": "accept", "source": S.HANDSHAKING, "dest": S.REGISTERING, "after": _accepting},
-    {"trigger": "reject", "source": S.HANDSHAKING, "dest": S.REJECTED, "before": _record_cause},
+    {"trigger": "accept", "source": S.HANDSHAKING, "dest": S.REGISTERING, "after": start_accepting},
+    {"trigger": "reject", "source": S.HANDSHAKING, "dest": S.REJECTED, "before": record_cause},
     {"trigger": "start", "source": S.REGISTERING, "dest": S.OPEN},
     # A close the server decides (keep-alive, overflow, policy, shutdown...).
-    {"trigger": "close", "source": S.HANDSHAKING, "dest": S.REJECTED, "before": _record_cause},
-    {"trigger": "close", "source": S.REGISTERING, "dest": S.CLOSED, "before": _record_cause},
-    {"trigger": "close", "source": S.OPEN, "dest": S.CLOSING, "before": _record_cause},
+    {"trigger": "close", "source": S.HANDSHAKING, "dest": S.REJECTED, "before": record_cause},
+    {"trigger": "close", "source": S.REGISTERING, "dest": S.CLOSED, "before": record_cause},
+    {"trigger": "close", "source": S.OPEN, "dest": S.CLOSING, "before": record_cause},
     # Already closing: the first cause stands; nothing changes.
     {
         "trigger": "close",
@@ -139,7 +132,7 @@ TRANSITIONS: list[dict[str, Any]] = [
         "trigger": "reader_done",
         "source": S.OPEN,
         "dest": S.CLOSING_READER_DONE,
-        "before": _record_cause,
+        "before": record_cause,
     },
     {"trigger": "reader_done", "source": S.CLOSING, "dest": S.CLOSING_READER_DONE},
     {"trigger": "reader_done", "source": S.CLOSING_WRITER_DONE, "dest": S.CLOSED},
@@ -148,12 +141,17 @@ TRANSITIONS: list[dict[str, Any]] = [
         "trigger": "writer_done",
         "source": S.OPEN,
         "dest": S.CLOSING_WRITER_DONE,
-        "before": _record_cause,
+        "before": record_cause,
     },
     {"trigger": "writer_done", "source": S.CLOSING, "dest": S.CLOSING_WRITER_DONE},
     {"trigger": "writer_done", "source": S.CLOSING_READER_DONE, "dest": S.CLOSED},
     # The guarded transition: only once both pumps have finished.
-    {"trigger": "unregister", "source": S.CLOSED, "dest": S.UNREGISTERED, "after": _unregistered},
+    {
+        "trigger": "unregister",
+        "source": S.CLOSED,
+        "dest": S.UNREGISTERED,
+        "after": report_unregistered,
+    },
     # Terminal states absorb every later input.
     *(
         {"trigger": t, "source": [S.REJECTED, S.UNREGISTERED], "dest": None}
@@ -202,88 +200,13 @@ REFUSALS: dict[tuple[ConnState, str], str] = {
 }
 
 
-def build_machine(transitions: list[dict[str, Any]]) -> Machine:
-    """A shared, model-less machine for a lifecycle table (tests build mutants with it)."""
-    return Machine(
-        model=None,
-        states=ConnState,
-        transitions=transitions,
-        initial=S.HANDSHAKING,
-        auto_transitions=False,
-        send_event=True,
-    )
+def build_engine(transitions: list[dict[str, Any]]) -> Engine[ConnState]:
+    """An engine for a lifecycle table: `ENGINE` for `TRANSITIONS`; the verification kit
+    builds mutants with it (``wirestate.core.verify.mutants``)."""
+    return Engine(build_machine(transitions, ConnState, S.HANDSHAKING), ConnState)
 
 
-# Ignored and refused triggers log at WARNING and every trigger at DEBUG; neither belongs in
-# a hub's logs (the hub reports refusals itself), and the level check is the cheap path.
-logging.getLogger("transitions").setLevel(logging.ERROR)
-
-MACHINE = build_machine(TRANSITIONS)
-
-
-_Row = tuple[ConnState | None, tuple[Any, ...], tuple[Any, ...]]  # dest, before, after
-_compiled: tuple[Machine, dict[tuple[ConnState, str], _Row]] | None = None
-
-
-def compile_machine(machine: Machine) -> dict[tuple[ConnState, str], _Row]:
-    """(source state, trigger) -> (dest or None for internal, before, after callbacks).
-
-    Raises ``ValueError`` for any feature ``fire`` would not honour, so the dict can never
-    silently diverge from the machine it came from."""
-    unsupported = (
-        machine.prepare_event,
-        machine.finalize_event,
-        machine.before_state_change,
-        machine.after_state_change,
-        machine.on_exception,
-    )
-    if any(unsupported):
-        raise ValueError("fire() does not run machine-level callbacks")
-    for state in machine.states.values():
-        if state.on_enter or state.on_exit:
-            raise ValueError(f"fire() does not run on_enter/on_exit (state {state.name})")
-    table: dict[tuple[ConnState, str], _Row] = {}
-    for name, event in machine.events.items():
-        for source, rows in event.transitions.items():
-            first = rows[0]
-            if first.conditions or first.prepare or len(rows) > 1:
-                raise ValueError(f"fire() does not run conditions ({name} from {source})")
-            for cb in (*first.before, *first.after):
-                if not callable(cb):
-                    raise ValueError(f"callbacks must be callables, not names ({name})")
-            dest = None if first.dest is None else ConnState[first.dest]
-            table[(ConnState[source], name)] = (dest, tuple(first.before), tuple(first.after))
-    return table
-
-
-def _table() -> dict[tuple[ConnState, str], _Row]:
-    global _compiled
-    machine = MACHINE
-    if _compiled is None or _compiled[0] is not machine:
-        _compiled = (machine, compile_machine(machine))
-    return _compiled[1]
-
-
-def allows(state: ConnState, trigger: str) -> bool:
-    """Does the current ``MACHINE`` list ``trigger`` from ``state`` (else it is refused)?"""
-    return (state, trigger) in _table()
-
-
-def fire(conn: Any, trigger: str, **kwargs: Any) -> None:
-    """Run ``trigger`` on ``conn`` as ``MACHINE.events[trigger].trigger(conn, **kwargs)``
-    would: before-callbacks, the state change, after-callbacks, all with one ``EventData``.
-    Raises ``MachineError`` (state unchanged) for a pair the table does not list."""
-    source = conn.state
-    row = _table().get((source, trigger))
-    if row is None:
-        raise MachineError(f"Can't trigger event {trigger} from state {source.name}!")
-    dest, before, after = row
-    machine = MACHINE
-    state = machine.states[source.name]
-    ev = EventData(state, machine.events[trigger], machine, conn, (), kwargs)
-    for cb in before:
-        cb(ev)
-    if dest is not None:
-        conn.state = dest
-    for cb in after:
-        cb(ev)
+#: The lifecycle every hub runs unless it is handed another (the checkers' mutants).
+ENGINE = build_engine(TRANSITIONS)
+#: The table as `transitions` holds it: for the diagrams and the table tests.
+MACHINE = ENGINE.machine

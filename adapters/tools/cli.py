@@ -14,14 +14,15 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, TextIO
 
 from wirestate.core import diagram
+from wirestate.core.breaker.table import ENGINE as BREAKER
+from wirestate.core.lifecycle import ENGINE as LIFECYCLE
 from wirestate.core.verify.explore import Result, explore
 from wirestate.core.verify.explore_breaker import explore_breaker
-from wirestate.core.verify.mutants import MUTANTS, planted
+from wirestate.core.verify.mutants import MUTANTS, mutant
 
 
 def _write(text: str, out: str | None, stdout: TextIO) -> None:
@@ -49,18 +50,26 @@ def _report(name: str, scope: str, r: Result, stdout: TextIO) -> None:
 
 def cmd_check(args: argparse.Namespace, stdout: TextIO) -> int:
     results: list[Result] = []
-    with planted(args.plant) if args.plant else nullcontext():
-        if args.plant:
-            stdout.write(f"planted bug {args.plant}: {MUTANTS[args.plant][0]}\n")
-        life = explore(
-            args.clients, args.depth, max_states=args.max_states, clock=time.perf_counter
+    engines: dict[str, Any] = {"lifecycle": LIFECYCLE, "breaker": BREAKER}
+    if args.plant:
+        planted = mutant(args.plant)
+        engines[planted.target] = planted.engine()
+        stdout.write(f"planted bug {planted.name}: {planted.description}\n")
+    life = explore(
+        args.clients,
+        args.depth,
+        max_states=args.max_states,
+        clock=time.perf_counter,
+        lifecycle=engines["lifecycle"],
+    )
+    _report("lifecycle", f"{args.clients} clients", life, stdout)
+    results.append(life)
+    if args.breaker_depth:
+        brk = explore_breaker(
+            args.breaker_depth, clock=time.perf_counter, engine=engines["breaker"]
         )
-        _report("lifecycle", f"{args.clients} clients", life, stdout)
-        results.append(life)
-        if args.breaker_depth:
-            brk = explore_breaker(args.breaker_depth, clock=time.perf_counter)
-            _report("breaker", "1 breaker", brk, stdout)
-            results.append(brk)
+        _report("breaker", "1 breaker", brk, stdout)
+        results.append(brk)
     return 1 if any(r.violation for r in results) else 0
 
 

@@ -48,6 +48,7 @@ from enum import Enum
 from typing import Any, Final, Generic, NamedTuple, TypeAlias, TypeVar
 
 from wirestate.core.breaker.table import (
+    ENGINE,
     INITIAL,
     MACHINE,
     REFUSED,
@@ -55,6 +56,7 @@ from wirestate.core.breaker.table import (
     TRIGGERS,
     BreakerState,
 )
+from wirestate.core.machine import Engine
 
 __all__ = [
     "MACHINE",
@@ -653,10 +655,13 @@ class Breaker:
         config: BreakerConfig | None = None,
         *,
         rng: Callable[[], float] | None = None,
+        engine: Engine[BreakerState] = ENGINE,
     ) -> None:
         """`rng` returns floats in [0, 1) and is required when the backoff has jitter
-        (`ValueError` otherwise); a value outside [0, 1] is treated as 0.5 (no jitter)."""
+        (`ValueError` otherwise); a value outside [0, 1] is treated as 0.5 (no jitter).
+        `engine` runs the table: the real one, unless a checker plants a bug."""
         self.name = name
+        self._engine = engine
         self.config = config if config is not None else BreakerConfig()
         if self.config.backoff is not None and self.config.backoff.jitter and rng is None:
             raise ValueError("rng is required when backoff.jitter > 0")
@@ -894,12 +899,13 @@ class Breaker:
         now: float,
         wall_now: float,
         rng: Callable[[], float] | None = None,
+        engine: Engine[BreakerState] = ENGINE,
     ) -> Breaker:
         """A breaker in the saved state, emitting nothing (S32). An OPEN breaker keeps its
         timer: the wall time already spent open counts, and an opening "in the future" (clock
         skew) counts as now, so the remaining wait is never more than the open duration. A
         saved HALF_OPEN resumes with no trial in flight (those permits died with the process)."""
-        breaker = cls(name, config, rng=rng)
+        breaker = cls(name, config, rng=rng, engine=engine)
         breaker._begin_input(now)
         breaker.state = saved.state
         breaker._consecutive = saved.consecutive_failures
@@ -1073,7 +1079,7 @@ class Breaker:
         return self.state is not before
 
     def _fire(self, trigger: str, now: float, **kwargs: float) -> bool:
-        return bool(MACHINE.events[trigger].trigger(self, now=now, **kwargs))
+        return self._engine.fire(self, trigger, now=now, **kwargs)
 
     def _dispatch(self) -> None:
         if not self._undispatched:
@@ -1124,14 +1130,11 @@ class Breaker:
                 u = 0.5
         return backoff.duration(attempt, self.config.first_wait, u)
 
-    # ----------------------------------------------------------------- table guards
+    # ----------------------------------------------------------------- the table's steps
+    # Called only by the rows of `wirestate.core.breaker.table` (its `Model`), each with the
+    # values of the trigger it fires on.
 
-    def _probe_due(self, ev: Any) -> bool:
-        # send_event=True passes EventData; the decision itself is _wait_elapsed, looked up on
-        # the class at each call so that a test can replace it.
-        return self._wait_elapsed(ev.kwargs["now"])
-
-    def _trips_on_failure(self, ev: Any) -> bool:
+    def _trips_on_failure(self, duration: float) -> bool:
         rate = self.config.failure_rate
         if rate is None:
             if self._consecutive + 1 >= self.config.failure_threshold:
@@ -1140,10 +1143,7 @@ class Breaker:
             assert self._fail_window is not None
             if rate.exceeded(*self._fail_window.counts_with(True, self._progress)):
                 return True
-        return self._slow_trips(ev.kwargs.get("duration", 0.0))
-
-    def _trips_on_success(self, ev: Any) -> bool:
-        return self._slow_trips(ev.kwargs.get("duration", 0.0))
+        return self._slow_trips(duration)
 
     def _slow_trips(self, duration: float) -> bool:
         rule = self.config.slow_call
@@ -1154,7 +1154,7 @@ class Breaker:
             *self._slow_window.counts_with(duration > rule.duration, self._progress)
         )
 
-    def _trials_suffice(self, ev: Any) -> bool:
+    def _trials_suffice(self) -> bool:
         return self._trial_successes + 1 >= self.config.success_threshold
 
     # ----------------------------------------------------------------- table callbacks
@@ -1166,32 +1166,32 @@ class Breaker:
             assert self.config.slow_call is not None
             self._slow_window.add(duration > self.config.slow_call.duration, self._progress)
 
-    def _count_failure(self, ev: Any) -> None:
+    def _count_failure(self, duration: float) -> None:
         self._consecutive += 1
         if self.state is BreakerState.CLOSED:
-            self._record_sample(True, ev.kwargs.get("duration", 0.0))
+            self._record_sample(True, duration)
 
-    def _count_success(self, ev: Any) -> None:
+    def _count_success(self, duration: float) -> None:
         self._consecutive = 0
-        self._record_sample(False, ev.kwargs.get("duration", 0.0))
+        self._record_sample(False, duration)
 
-    def _count_trial_success(self, ev: Any) -> None:
+    def _count_trial_success(self) -> None:
         self._trial_successes += 1
         self._consecutive = 0
 
-    def _enter_open(self, ev: Any) -> None:
-        self._opened_at = ev.kwargs["now"]
+    def _enter_open(self, now: float) -> None:
+        self._opened_at = now
         self._opened_progress = self._progress
         self._attempt += 1
         self._wait = self._open_duration(self._attempt)
         self._trial_successes = 0
         self._generation += 1
 
-    def _enter_half_open(self, ev: Any) -> None:
+    def _enter_half_open(self) -> None:
         self._trial_successes = 0
         self._generation += 1
 
-    def _enter_closed(self, ev: Any) -> None:
+    def _enter_closed(self) -> None:
         self._consecutive = 0
         self._trial_successes = 0
         self._attempt = 0
@@ -1202,18 +1202,13 @@ class Breaker:
                 window.clear()
         self._generation += 1
 
-    def _enter_forced_open(self, ev: Any) -> None:
+    def _enter_forced_open(self) -> None:
+        """Entering FORCED_OPEN or DISABLED: no timer, no trial; older permits go stale."""
         self._opened_at = None
         self._trial_successes = 0
         self._generation += 1
 
-    _enter_disabled = _enter_forced_open
-
-    def _record_change(self, ev: Any) -> None:
-        if ev.transition.dest is None:
-            return
-        source = BreakerState[ev.transition.source]
-        now = ev.kwargs["now"]
+    def _record_change(self, source: BreakerState, trigger: str, now: float) -> None:
         retry_at: float | None = None
         if self.state is BreakerState.OPEN:
             retry_at = now + self._wait
@@ -1226,7 +1221,7 @@ class Breaker:
             now,
             self._consecutive,
             retry_at,
-            self._cause(ev.event.name, source),
+            self._cause(trigger, source),
         )
         self._actions.append(change)
         self._undispatched.append(change)

@@ -1,28 +1,28 @@
-"""The circuit breaker's transition table: its states, its triggers and the one shared Machine.
+"""The circuit breaker's transition table: its states, its triggers, and the engine that runs it.
 
-Rules of this module (BREAKER.md, DESIGN.md "Circuit breaker", STYLE.md rules 3-5):
+Rules of this module (docs/breaker.md gives the semantics and the scenarios S01-S33):
 
-- It is data. Every guard and callback is named by a string and resolved on the model (a
-  `wirestate.core.breaker.Breaker`) each time a trigger fires, so the table can be walked,
-  drawn and validated without a breaker, and a test that monkeypatches a guard on the class
-  (`Breaker._wait_elapsed`) changes what the table does.
-- ONE `Machine` for every breaker, built with `model=None`: breakers are plain objects with a
-  `state` attribute, fired with `MACHINE.events[trigger].trigger(breaker, now=...)`, never
-  registered with `add_model` (which is O(n) and keeps reference cycles).
-- `auto_transitions=False`: a generated `to_half_open()` would bypass the wait guard. No
-  `ignore_invalid_triggers`: a trigger without a row for the current state raises
-  `transitions.MachineError` and changes nothing. `REFUSED` lists those pairs, so that every
-  (state, trigger) pair is either a row or a documented refusal.
+- It is data: rows of the `transitions` format whose guards and effects are the callables
+  below. Each is a one-line step of the breaker's own bookkeeping (`Breaker`'s methods,
+  listed in `Model`), so that the table can be walked, drawn and validated without a
+  breaker, and a checker can hand a breaker an engine built from a mutated table
+  (``wirestate.core.verify.mutants``).
+- The table runs on the core's one engine (`wirestate.core.machine.Engine`), shared by
+  every breaker: breakers are plain objects with a `state` attribute.
+- No generated ``to_<state>`` triggers: one would bypass the wait guard. No ignored
+  triggers: a trigger without a row for the current state raises `transitions.MachineError`
+  and changes nothing. `REFUSED` lists those pairs, so that every (state, trigger) pair is
+  either a row or a documented refusal.
 - For one trigger and source, rows are tried in order and the first whose guard passes wins:
   the row that trips comes before the row that only counts.
-- Guards are pure predicates. Callbacks only change the breaker's fields and append actions;
+- Guards are pure predicates. Effects only change the breaker's fields and append actions;
   none fires another trigger (follow-ups are computed after the trigger returns).
-- The machine-level `after_state_change` callback records exactly one `StateChanged` per row
-  whose `dest` is not None, after the row's own callbacks; rows with `dest=None` are internal
+- The machine-level `after_state_change` effect records exactly one `StateChanged` per row
+  whose `dest` is not None, after the row's own effects; rows with `dest=None` are internal
   (same-state requests and counting) and never emit.
 
 Invariants the table encodes: CLOSED never goes to HALF_OPEN (only OPEN does, and only through
-the `probe` row guarded by `_wait_elapsed`); FORCED_OPEN never leaves by itself (only `reset`
+the `probe` row guarded by `probe_due`); FORCED_OPEN never leaves by itself (only `reset`
 and `disable` leave it); DISABLED records nothing (no success/failure rows); every state can
 reach CLOSED through `reset`.
 """
@@ -30,9 +30,11 @@ reach CLOSED through `reset`.
 from __future__ import annotations
 
 from enum import Enum
-from typing import Any, Final
+from typing import Any, Final, Protocol, cast
 
-from transitions import Machine
+from transitions import EventData
+
+from wirestate.core.machine import Engine, build_machine
 
 
 class BreakerState(Enum):
@@ -56,6 +58,97 @@ _C, _O, _H, _F, _D = (
     BreakerState.DISABLED,
 )
 
+
+class Model(Protocol):
+    """What the table's guards and effects use of a breaker (`wirestate.core.breaker.Breaker`):
+    its bookkeeping steps, each named for the row that calls it. Only the table calls them."""
+
+    state: BreakerState
+
+    def _wait_elapsed(self, now: float) -> bool: ...
+    def _trips_on_failure(self, duration: float) -> bool: ...
+    def _slow_trips(self, duration: float) -> bool: ...
+    def _trials_suffice(self) -> bool: ...
+    def _count_failure(self, duration: float) -> None: ...
+    def _count_success(self, duration: float) -> None: ...
+    def _count_trial_success(self) -> None: ...
+    def _enter_open(self, now: float) -> None: ...
+    def _enter_half_open(self) -> None: ...
+    def _enter_closed(self) -> None: ...
+    def _enter_forced_open(self) -> None: ...
+    def _record_change(self, source: BreakerState, trigger: str, now: float) -> None: ...
+
+
+def _of(ev: EventData) -> Model:
+    return cast(Model, ev.model)
+
+
+def _duration(ev: EventData) -> float:
+    return float(ev.kwargs.get("duration", 0.0))
+
+
+# Guards: pure predicates.
+
+
+def probe_due(ev: EventData) -> bool:
+    """THE guard of OPEN -> HALF_OPEN: the open duration has passed, boundary included."""
+    return _of(ev)._wait_elapsed(ev.kwargs["now"])
+
+
+def trips_on_failure(ev: EventData) -> bool:
+    return _of(ev)._trips_on_failure(_duration(ev))
+
+
+def trips_on_success(ev: EventData) -> bool:
+    return _of(ev)._slow_trips(_duration(ev))
+
+
+def trials_suffice(ev: EventData) -> bool:
+    return _of(ev)._trials_suffice()
+
+
+# Effects: they change the breaker's fields and append actions, nothing else.
+
+
+def count_failure(ev: EventData) -> None:
+    _of(ev)._count_failure(_duration(ev))
+
+
+def count_success(ev: EventData) -> None:
+    _of(ev)._count_success(_duration(ev))
+
+
+def count_trial_success(ev: EventData) -> None:
+    _of(ev)._count_trial_success()
+
+
+def enter_open(ev: EventData) -> None:
+    _of(ev)._enter_open(ev.kwargs["now"])
+
+
+def enter_half_open(ev: EventData) -> None:
+    _of(ev)._enter_half_open()
+
+
+def enter_closed(ev: EventData) -> None:
+    _of(ev)._enter_closed()
+
+
+def enter_forced_open(ev: EventData) -> None:
+    _of(ev)._enter_forced_open()
+
+
+def record_change(ev: EventData) -> None:
+    """Machine-level, after every row: one `StateChanged` when the row changed the state."""
+    row, event = ev.transition, ev.event
+    # The engine (and transitions) set both before any callback runs.
+    assert row is not None
+    assert event is not None
+    if row.dest is None:
+        return
+    _of(ev)._record_change(BreakerState[row.source], event.name, ev.kwargs["now"])
+
+
 #: Every trigger of the table. Each needs `now=` (monotonic seconds); `success` and `failure`
 #: also take `duration=` (forward seconds since the permit was issued, for the slow-call rule).
 TRIGGERS: Final = ("failure", "success", "probe", "expire", "force_open", "disable", "reset")
@@ -67,66 +160,66 @@ TRANSITIONS: Final[list[dict[str, Any]]] = [
         "trigger": "failure",
         "source": _C,
         "dest": _O,
-        "conditions": "_trips_on_failure",
-        "before": "_count_failure",
-        "after": "_enter_open",
+        "conditions": trips_on_failure,
+        "before": count_failure,
+        "after": enter_open,
     },
-    {"trigger": "failure", "source": _C, "dest": None, "after": "_count_failure"},
+    {"trigger": "failure", "source": _C, "dest": None, "after": count_failure},
     # Any counted failure of a trial reopens with a fresh timer (BREAKER.md semantics 4).
     {
         "trigger": "failure",
         "source": _H,
         "dest": _O,
-        "before": "_count_failure",
-        "after": "_enter_open",
+        "before": count_failure,
+        "after": enter_open,
     },
     # A counted success. In CLOSED only the optional slow-call rule can trip on it.
     {
         "trigger": "success",
         "source": _C,
         "dest": _O,
-        "conditions": "_trips_on_success",
-        "before": "_count_success",
-        "after": "_enter_open",
+        "conditions": trips_on_success,
+        "before": count_success,
+        "after": enter_open,
     },
-    {"trigger": "success", "source": _C, "dest": None, "after": "_count_success"},
+    {"trigger": "success", "source": _C, "dest": None, "after": count_success},
     {
         "trigger": "success",
         "source": _H,
         "dest": _C,
-        "conditions": "_trials_suffice",
-        "after": "_enter_closed",
+        "conditions": trials_suffice,
+        "after": enter_closed,
     },
-    {"trigger": "success", "source": _H, "dest": None, "after": "_count_trial_success"},
+    {"trigger": "success", "source": _H, "dest": None, "after": count_trial_success},
     # Fired lazily by acquire(); the one guard deciding OPEN -> HALF_OPEN (inclusive boundary).
     {
         "trigger": "probe",
         "source": _O,
         "dest": _H,
-        "conditions": "_probe_due",
-        "after": "_enter_half_open",
+        "conditions": probe_due,
+        "after": enter_half_open,
     },
     # A trial lease ran out without being settled: HALF_OPEN cannot get stuck.
     {
         "trigger": "expire",
         "source": _H,
         "dest": _O,
-        "before": "_count_failure",
-        "after": "_enter_open",
+        "before": count_failure,
+        "after": enter_open,
     },
     # Manual control. Same-state requests are internal rows: no event, nothing cleared.
     {
         "trigger": "force_open",
         "source": [_C, _O, _H, _D],
         "dest": _F,
-        "after": "_enter_forced_open",
+        "after": enter_forced_open,
     },
     {"trigger": "force_open", "source": _F, "dest": None},
-    {"trigger": "disable", "source": [_C, _O, _H, _F], "dest": _D, "after": "_enter_disabled"},
+    {"trigger": "disable", "source": [_C, _O, _H, _F], "dest": _D, "after": enter_forced_open},
     {"trigger": "disable", "source": _D, "dest": None},
-    {"trigger": "reset", "source": [_O, _H, _F, _D], "dest": _C, "after": "_enter_closed"},
+    {"trigger": "reset", "source": [_O, _H, _F, _D], "dest": _C, "after": enter_closed},
     # reset() while CLOSED clears the counters and starts a new generation, without an event.
-    {"trigger": "reset", "source": _C, "dest": None, "after": "_enter_closed"},
+    {"trigger": "reset", "source": _C, "dest": None, "after": enter_closed},
 ]
 
 #: (state, trigger) pairs with no row: firing them raises `MachineError`, state unchanged.
@@ -157,12 +250,15 @@ REFUSED: Final[frozenset[tuple[BreakerState, str]]] = frozenset(
 #: The state a breaker starts in (and is restored into only from a persisted snapshot).
 INITIAL: Final = _C
 
-MACHINE: Final = Machine(
-    model=None,
-    states=BreakerState,
-    transitions=TRANSITIONS,
-    initial=INITIAL,
-    auto_transitions=False,
-    send_event=True,
-    after_state_change="_record_change",
-)
+
+def build_engine(transitions: list[dict[str, Any]]) -> Engine[BreakerState]:
+    """An engine for a breaker table: `ENGINE` for `TRANSITIONS`; the verification kit
+    builds mutants with it."""
+    machine = build_machine(transitions, BreakerState, INITIAL, after_state_change=record_change)
+    return Engine(machine, BreakerState)
+
+
+#: The table every breaker runs unless it is handed another (the checkers' mutants).
+ENGINE: Final = build_engine(TRANSITIONS)
+#: The table as `transitions` holds it: for the diagrams and the table tests.
+MACHINE: Final = ENGINE.machine

@@ -27,10 +27,11 @@ from typing import Any, Protocol
 
 from transitions import MachineError
 
-from wirestate.core import lifecycle
 from wirestate.core.causes import CloseCause, ErrorCode, OverflowPolicy
 from wirestate.core.hub import Connection, Hub, HubConfig
+from wirestate.core.lifecycle import ENGINE as LIFECYCLE
 from wirestate.core.lifecycle import ConnState
+from wirestate.core.machine import Engine
 from wirestate.core.verify.checks import InvariantViolation, Referee
 
 S = ConnState
@@ -64,8 +65,13 @@ class World:
         self.now = now
 
     @classmethod
-    def initial(cls, clients: int, config: HubConfig = EXPLORE_CONFIG) -> World:
-        hub = Hub(config, epoch="x")
+    def initial(
+        cls,
+        clients: int,
+        config: HubConfig = EXPLORE_CONFIG,
+        lifecycle: Engine[ConnState] = LIFECYCLE,
+    ) -> World:
+        hub = Hub(config, epoch="x", lifecycle=lifecycle)
         return cls(hub, [None] * clients, Referee(hub))
 
     def clone(self) -> World:
@@ -229,7 +235,7 @@ def _refused_unregister(w: World, label: Label) -> bool:
         return False
     conn = w.conns[label[1]]
     assert conn is not None
-    return not lifecycle.allows(conn.state, "unregister")
+    return not w.hub.lifecycle.allows(conn.state, "unregister")
 
 
 def describe(label: Label) -> str:
@@ -344,10 +350,12 @@ def explore(
     config: HubConfig = EXPLORE_CONFIG,
     max_states: int | None = None,
     clock: Callable[[], float],
+    lifecycle: Engine[ConnState] = LIFECYCLE,
 ) -> Result:
-    """Every interleaving of inputs for ``clients`` clients of the real hub, to ``depth``."""
+    """Every interleaving of inputs for ``clients`` clients of the real hub, to ``depth``.
+    ``lifecycle``: the table's engine, a mutant's to show that the search catches it."""
     return search(
-        World.initial(clients, config),
+        World.initial(clients, config, lifecycle),
         inputs,
         apply,
         depth=depth,

@@ -27,6 +27,8 @@ from wirestate.core.breaker import (
     Permit,
     Rejected,
 )
+from wirestate.core.breaker.table import ENGINE
+from wirestate.core.machine import Engine
 from wirestate.core.verify.checks import InvariantViolation
 from wirestate.core.verify.explore import Result, search
 
@@ -52,8 +54,8 @@ class BreakerWorld:
 
     __slots__ = ("breaker", "now", "opened_at", "openings", "permits", "state")
 
-    def __init__(self, config: BreakerConfig) -> None:
-        self.breaker = Breaker("explored", config)
+    def __init__(self, config: BreakerConfig, engine: Engine[B] = ENGINE) -> None:
+        self.breaker = Breaker("explored", config, engine=engine)
         self.now = 0.0
         self.permits: list[Permit] = []
         self.state = B.CLOSED  # the reference's idea of the state
@@ -188,10 +190,12 @@ def explore_breaker(
     *,
     config: BreakerConfig = BREAKER_CONFIG,
     clock: Callable[[], float],
+    engine: Engine[B] = ENGINE,
 ) -> Result:
-    """Every interleaving of calls, outcomes, time and operator actions, to ``depth``."""
+    """Every interleaving of calls, outcomes, time and operator actions, to ``depth``.
+    ``engine``: the table's, or a mutant's to show that the search catches it."""
     return search(
-        BreakerWorld(config),
+        BreakerWorld(config, engine),
         breaker_inputs,
         breaker_apply,
         depth=depth,

@@ -8,7 +8,8 @@ published on a topic while the client was subscribed and accepting is, in order 
 once, either written, still queued, or covered by a ``gap`` (written or owed).
 
 Use it as is (``TestLifecycle = LifecycleMachine.TestCase``) or subclass it to add rules and
-invariants of your own; ``CLIENTS`` and ``CONFIG`` are class attributes to override.
+invariants of your own; ``CLIENTS``, ``CONFIG`` and ``ENGINE`` are class attributes to
+override.
 """
 
 from __future__ import annotations
@@ -21,6 +22,9 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
 from wirestate.core.hub import HubConfig
+from wirestate.core.lifecycle import ENGINE as LIFECYCLE
+from wirestate.core.lifecycle import ConnState
+from wirestate.core.machine import Engine
 from wirestate.core.verify.explore import EXPLORE_CONFIG, Label, World, apply, describe, inputs
 
 #: Kinds of input a test case may switch off (never all the ones that keep a case going).
@@ -30,10 +34,17 @@ SWARM = ("reject", "shutdown", "burst", "unregister", "bad_input", "close", "wri
 class LifecycleMachine(RuleBasedStateMachine):
     CLIENTS: ClassVar[int] = 3
     CONFIG: ClassVar[HubConfig] = EXPLORE_CONFIG
+    #: The engine of the hub under test: the real table's, or a mutant's (`with_engine`).
+    ENGINE: ClassVar[Engine[ConnState]] = LIFECYCLE
+
+    @classmethod
+    def with_engine(cls, engine: Engine[ConnState]) -> type[LifecycleMachine]:
+        """This machine, its hub's connections run by ``engine``."""
+        return type(f"{cls.__name__}WithEngine", (cls,), {"ENGINE": engine})
 
     def __init__(self) -> None:
         super().__init__()
-        self.world = World.initial(self.CLIENTS, self.CONFIG)
+        self.world = World.initial(self.CLIENTS, self.CONFIG, self.ENGINE)
         # Delivery reference: (client, topic) -> seqs owed to the client, in order, and the
         # seqs it has received (as events or inside gaps).
         self.expected: dict[tuple[int, str], list[int]] = {}

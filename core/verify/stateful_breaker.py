@@ -29,7 +29,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from hypothesis import event
 from hypothesis import strategies as st
@@ -60,6 +60,8 @@ from wirestate.core.breaker import (
     PollReason,
     PollResult,
 )
+from wirestate.core.breaker.table import ENGINE
+from wirestate.core.machine import Engine
 
 __all__ = ["BreakerMachine"]
 
@@ -279,7 +281,17 @@ def _configs() -> st.SearchStrategy[BreakerConfig]:
 
 
 class BreakerMachine(RuleBasedStateMachine):
-    """Breaker + cache vs `_Reference`, compared after every step."""
+    """Breaker + cache vs `_Reference`, compared after every step.
+
+    ``ENGINE`` runs the breakers under test: the real table's, or a mutant's in a subclass
+    made by `with_engine` (how the mutation tests prove the machine bites)."""
+
+    ENGINE: ClassVar[Engine[BreakerState]] = ENGINE
+
+    @classmethod
+    def with_engine(cls, engine: Engine[BreakerState]) -> type[BreakerMachine]:
+        """This machine, its breakers run by ``engine``."""
+        return type(f"{cls.__name__}WithEngine", (cls,), {"ENGINE": engine})
 
     permits = Bundle("permits")  # issued, not yet settled by the test
     settled = Bundle("settled")
@@ -295,7 +307,7 @@ class BreakerMachine(RuleBasedStateMachine):
     @initialize(config=_configs(), primed=st.booleans())
     def setup(self, config: BreakerConfig, primed: bool) -> None:
         cache = ("v0", -60.0) if primed else None
-        self.breaker = Breaker("fuzz", config)
+        self.breaker = Breaker("fuzz", config, engine=self.ENGINE)
         self.source: CachedSource[str] = CachedSource(
             self.breaker, cached=None if cache is None else CacheEntry(*cache)
         )

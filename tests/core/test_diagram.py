@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from wirestate.core import diagram
-from wirestate.core.verify.mutants import planted
+from wirestate.core.verify.mutants import mutant
 
 DOC = Path(__file__).parents[2] / "docs" / "state-machines.md"
 
@@ -41,10 +41,11 @@ def test_breaker_diagram_shows_guards() -> None:
     assert "closed --> half_open" not in text
 
 
-def test_a_diagram_draws_the_machine_in_force() -> None:
-    with planted("early_unregister"):
-        text = diagram.render("lifecycle", "mermaid")
+def test_a_diagram_draws_the_table_it_is_given() -> None:
+    planted = mutant("early_unregister").engine().machine
+    text = diagram.render("lifecycle", "mermaid", machine=planted)
     assert "closing_reader_done --> unregistered: unregister" in text
+    assert "closing_reader_done --> unregistered" not in diagram.render("lifecycle", "mermaid")
 
 
 def test_dot_output() -> None:

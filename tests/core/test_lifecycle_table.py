@@ -1,4 +1,5 @@
-"""The lifecycle table itself: reachability, no traps, refusals, and the compiled dispatch."""
+"""The lifecycle table itself: reachability, no traps, refusals, causes. (That the engine
+runs it exactly as `transitions` would is tests/core/test_machine.py.)"""
 
 from __future__ import annotations
 
@@ -12,15 +13,7 @@ from wirestate.core import lifecycle
 from wirestate.core.actions import Close, Reject, Unregistered
 from wirestate.core.causes import CloseCause
 from wirestate.core.hub import Connection
-from wirestate.core.lifecycle import (
-    MACHINE,
-    REFUSALS,
-    TERMINAL,
-    TRIGGERS,
-    ConnState,
-    compile_machine,
-    fire,
-)
+from wirestate.core.lifecycle import ENGINE, REFUSALS, TERMINAL, TRIGGERS, ConnState
 
 S = ConnState
 KW: dict[str, Any] = {"now": 1.0, "cause": CloseCause.PEER_CLOSE, "code": 1000}
@@ -34,9 +27,8 @@ def _conn(state: ConnState) -> Connection:
 
 def _edges() -> dict[ConnState, set[ConnState]]:
     out: dict[ConnState, set[ConnState]] = {s: set() for s in S}
-    for (source, _trigger), (dest, _b, _a) in compile_machine(MACHINE).items():
-        if dest is not None:
-            out[source].add(dest)
+    for (source, _trigger), dests in ENGINE.pairs().items():
+        out[source].update(d for d in dests if d is not None)
     return out
 
 
@@ -67,7 +59,7 @@ def test_terminal_states_absorb_every_trigger() -> None:
     for state, trigger in itertools.product(TERMINAL, TRIGGERS):
         c = _conn(state)
         out: list[object] = []
-        fire(c, trigger, out=out, **KW)
+        ENGINE.fire(c, trigger, out=out, **KW)
         assert c.state is state
         assert out == []
 
@@ -76,51 +68,25 @@ def test_terminal_states_absorb_every_trigger() -> None:
 def test_every_pair_is_a_destination_or_a_documented_refusal(
     state: ConnState, trigger: str
 ) -> None:
-    listed = lifecycle.allows(state, trigger)
+    listed = ENGINE.allows(state, trigger)
     documented = (state, trigger) in REFUSALS
     assert listed != documented, "exactly one of: in the table, or a documented refusal"
     if documented:
         c = _conn(state)
         with pytest.raises(MachineError):
-            fire(c, trigger, out=[], **KW)
+            ENGINE.fire(c, trigger, out=[], **KW)
         assert c.state is state
 
 
-@pytest.mark.parametrize(("state", "trigger"), list(itertools.product(S, TRIGGERS)))
-def test_compiled_dispatch_matches_transitions_itself(state: ConnState, trigger: str) -> None:
-    """fire() and MACHINE.events[...].trigger() agree on state, fields and actions."""
-    a, b = _conn(state), _conn(state)
-    out_a: list[object] = []
-    out_b: list[object] = []
-    err_a = err_b = None
-    try:
-        fire(a, trigger, out=out_a, **KW)
-    except MachineError as exc:
-        err_a = type(exc)
-    try:
-        MACHINE.events[trigger].trigger(b, out=out_b, **KW)
-    except MachineError as exc:
-        err_b = type(exc)
-    assert err_a == err_b
-    assert (a.state, a.cause, a.close_code, a.accepting, a.closing_at) == (
-        b.state,
-        b.cause,
-        b.close_code,
-        b.accepting,
-        b.closing_at,
-    )
-    assert out_a == out_b
-
-
 def test_every_path_into_closing_records_its_cause_and_queues_a_close() -> None:
-    for (source, trigger), (dest, _b, _a) in compile_machine(MACHINE).items():
+    for (source, trigger), (dest,) in ENGINE.pairs().items():
         if dest is None or dest not in lifecycle.CLOSING_STATES | {S.REJECTED}:
             continue
         if source in lifecycle.CLOSING_STATES:
             continue  # already closing: the first cause stands
         c = _conn(source)
         out: list[object] = []
-        fire(c, trigger, out=out, now=2.0, cause=CloseCause.POLICY, code=None)
+        ENGINE.fire(c, trigger, out=out, now=2.0, cause=CloseCause.POLICY, code=None)
         assert c.cause is CloseCause.POLICY, (source, trigger)
         assert c.close_code == 1008
         assert len(out) == 1
@@ -130,7 +96,7 @@ def test_every_path_into_closing_records_its_cause_and_queues_a_close() -> None:
 def test_a_close_without_a_cause_is_a_caller_error_and_changes_nothing() -> None:
     c = _conn(S.OPEN)
     with pytest.raises(ValueError, match="CloseCause"):
-        fire(c, "close", out=[], now=1.0)
+        ENGINE.fire(c, "close", out=[], now=1.0)
     assert c.state is S.OPEN
     assert c.cause is None
 
@@ -138,8 +104,8 @@ def test_a_close_without_a_cause_is_a_caller_error_and_changes_nothing() -> None
 def test_the_first_cause_wins() -> None:
     c = _conn(S.OPEN)
     out: list[object] = []
-    fire(c, "close", out=out, now=1.0, cause=CloseCause.KEEPALIVE_TIMEOUT)
-    fire(c, "reader_done", out=out, now=2.0, cause=CloseCause.PEER_CLOSE, code=1000)
+    ENGINE.fire(c, "close", out=out, now=1.0, cause=CloseCause.KEEPALIVE_TIMEOUT)
+    ENGINE.fire(c, "reader_done", out=out, now=2.0, cause=CloseCause.PEER_CLOSE, code=1000)
     assert c.cause is CloseCause.KEEPALIVE_TIMEOUT
     assert c.close_code == 1011
     assert [type(a) for a in out] == [Close]
@@ -149,30 +115,9 @@ def test_unregister_only_from_closed_and_it_reports_once() -> None:
     c = _conn(S.CLOSED)
     c.cause = CloseCause.PEER_CLOSE
     out: list[object] = []
-    fire(c, "unregister", out=out, now=3.0)
-    fire(c, "unregister", out=out, now=4.0)
+    ENGINE.fire(c, "unregister", out=out, now=3.0)
+    ENGINE.fire(c, "unregister", out=out, now=4.0)
     assert out == [Unregistered("c", CloseCause.PEER_CLOSE, None, 3.0)]
-
-
-def test_compiler_refuses_what_fire_would_not_run() -> None:
-    bad = lifecycle.build_machine(
-        [{"trigger": "accept", "source": S.HANDSHAKING, "dest": S.OPEN, "conditions": bool}]
-    )
-    with pytest.raises(ValueError, match="conditions"):
-        compile_machine(bad)
-    named = lifecycle.build_machine(
-        [{"trigger": "accept", "source": S.HANDSHAKING, "dest": S.OPEN, "after": "x"}]
-    )
-    with pytest.raises(ValueError, match="callables"):
-        compile_machine(named)
-    entering = lifecycle.build_machine([])
-    entering.states["OPEN"].on_enter.append(print)
-    with pytest.raises(ValueError, match="on_enter"):
-        compile_machine(entering)
-    hooked = lifecycle.build_machine([])
-    hooked.before_state_change = [print]
-    with pytest.raises(ValueError, match="machine-level"):
-        compile_machine(hooked)
 
 
 def test_pumps_table_matches_the_state_names() -> None:

@@ -13,7 +13,8 @@ import pytest
 from hypothesis import HealthCheck, Phase, settings
 from hypothesis.stateful import run_state_machine_as_test
 
-from wirestate.core.breaker import Backoff, Breaker, BreakerConfig, BreakerState, Permit
+from wirestate.core.breaker import Backoff, BreakerConfig, BreakerState, Permit
+from wirestate.core.verify.mutants import mutant
 from wirestate.core.verify.stateful_breaker import BreakerMachine, Unchanged
 
 TestBreaker = BreakerMachine.TestCase
@@ -21,13 +22,8 @@ TestBreaker = BreakerMachine.TestCase
 TestBreaker.settings = settings(deadline=None)
 
 
-def _half_the_wait(self: Breaker, now: float) -> bool:
-    # The planted bug: OPEN -> HALF_OPEN after half the open duration.
-    return self._open_elapsed(now) >= self._wait / 2
-
-
-def test_the_machine_catches_an_early_half_open(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(Breaker, "_wait_elapsed", _half_the_wait)
+def test_the_machine_catches_an_early_half_open() -> None:
+    planted = BreakerMachine.with_engine(mutant("early_half_open").engine())
     hunt = settings(
         max_examples=500,
         stateful_step_count=10,
@@ -39,7 +35,7 @@ def test_the_machine_catches_an_early_half_open(monkeypatch: pytest.MonkeyPatch)
         phases=[Phase.explicit, Phase.generate, Phase.shrink],
     )
     with pytest.raises(AssertionError) as caught:
-        run_state_machine_as_test(BreakerMachine, settings=hunt)
+        run_state_machine_as_test(planted, settings=hunt)
     notes = getattr(caught.value, "__notes__", [])
     steps = [n for n in notes if n.startswith("state.") and n.split("(")[0] not in _NOT_STEPS]
     assert 1 <= len(steps) <= 8, notes

@@ -16,7 +16,7 @@ from hypothesis.stateful import run_state_machine_as_test
 from wirestate.core.verify.checks import InvariantViolation
 from wirestate.core.verify.explore import explore
 from wirestate.core.verify.explore_breaker import explore_breaker
-from wirestate.core.verify.mutants import MUTANTS, planted
+from wirestate.core.verify.mutants import MUTANTS, mutant
 from wirestate.core.verify.stateful import LifecycleMachine
 from wirestate.core.verify.stateful_breaker import BreakerMachine
 
@@ -46,17 +46,18 @@ def test_every_mutant_is_covered_here() -> None:
 
 @pytest.mark.parametrize(("name", "invariant"), sorted(LIFECYCLE.items()))
 def test_wirestate_check_catches(name: str, invariant: int) -> None:
-    with planted(name):
-        result = explore(3, 8, clock=time.perf_counter)
+    result = explore(3, 8, clock=time.perf_counter, lifecycle=mutant(name).engine())
     assert result.violation is not None, f"{name} slipped through the explorer"
     assert result.violation.invariant == invariant
     assert 1 <= len(result.trace) <= 5, result.trace
 
 
-def _hunt(machine: type, name: str) -> tuple[BaseException, list[str]]:
+def _hunt(
+    machine: type[LifecycleMachine] | type[BreakerMachine], name: str
+) -> tuple[BaseException, list[str]]:
     """Run the machine with the bug planted; return the error and the shrunk script."""
-    with planted(name), pytest.raises(AssertionError) as caught:
-        run_state_machine_as_test(machine, settings=HUNT)
+    with pytest.raises(AssertionError) as caught:
+        run_state_machine_as_test(machine.with_engine(mutant(name).engine()), settings=HUNT)
     return caught.value, list(getattr(caught.value, "__notes__", []))
 
 
@@ -72,8 +73,7 @@ def test_hypothesis_catches(name: str, invariant: int) -> None:
 
 
 def test_wirestate_check_catches_an_early_half_open() -> None:
-    with planted("early_half_open"):
-        result = explore_breaker(12, clock=time.perf_counter)
+    result = explore_breaker(12, clock=time.perf_counter, engine=mutant("early_half_open").engine())
     assert result.violation is not None
     assert "before its wait was over" in str(result.violation)
     assert len(result.trace) <= 8
@@ -87,4 +87,19 @@ def test_hypothesis_catches_an_early_half_open() -> None:
 
 def test_unknown_mutant_names_the_known_ones() -> None:
     with pytest.raises(ValueError, match="early_unregister"):
-        planted("nope")
+        mutant("nope")
+
+
+def test_a_mutant_touches_nothing_outside_the_code_it_was_handed() -> None:
+    """Mutants are engines handed in, not swapped globals: the real tables are untouched."""
+    from wirestate.core.breaker import Breaker
+    from wirestate.core.breaker import table as breaker_table
+    from wirestate.core.hub import Hub
+    from wirestate.core.lifecycle import ENGINE
+
+    for name in MUTANTS:
+        assert mutant(name).engine() is not ENGINE
+        assert mutant(name).engine() is not breaker_table.ENGINE
+    assert Hub().lifecycle is ENGINE
+    assert explore(3, 8, clock=time.perf_counter).violation is None
+    assert Breaker("b")._engine is breaker_table.ENGINE
