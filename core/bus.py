@@ -30,7 +30,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
-from wirestate.core.hub import Hub, _dumps
+from wirestate.core.frames import dumps
+from wirestate.core.hub import Hub
 
 
 class Reconciled(StrEnum):
@@ -130,7 +131,7 @@ class BusState:
     def publish_local(self, topic: str, data: Any, now: float) -> int:
         """Publish while the link is down: this node's subscribers get it now, numbered on
         from the last seq here; the bus gets it on recovery. Returns the local seq."""
-        body = _dumps(data)
+        body = dumps(data)
         seq = self.hub.publish(topic, data, now)
         link = self.link(topic)
         link.pending.append((body, self.hub.stamp(now)))

@@ -1,10 +1,15 @@
-"""The hub: registry, subscriptions, routing, outboxes, keep-alive and history. Pure.
+"""The hub: the registry, subscriptions, routing and bounded outboxes; the coordinator of
+the core's parts. Pure.
 
 Inputs are methods that record what happened, each with the current monotonic ``now``;
 decisions come out as frozen actions (``actions()``), outgoing frames wait in each client's
-bounded outbox (``drain()``), and ``next_deadline()`` says when to call ``tick()``.
+bounded outbox (``drain()``), and ``next_deadline()`` says when to call ``tick()``. What the
+hub coordinates lives beside it: the lifecycle table and its engine (``lifecycle``,
+``machine``), topics with their history and resume (``topics``), keep-alive and close
+deadlines (``timers``), the inbound rate limit (``ratelimit``) and the frames
+(``frames``).
 
-Rules and invariants (DESIGN.md, "Connection lifecycle"; checked after every step by
+Rules and invariants (docs/state-machines.md; checked after every step by
 ``wirestate.core.verify.checks``):
 
 1. Unregistration is the lifecycle table's ``unregister`` trigger, which leaves only from
@@ -21,37 +26,31 @@ Rules and invariants (DESIGN.md, "Connection lifecycle"; checked after every ste
 
 The hot path (``publish`` to N subscribers) serializes the event once and appends the same
 object to N bounded outboxes: no per-recipient object, no ``transitions`` trigger.
-
-Keep-alive: the hub pings each open client every ``ping_interval`` and closes it with
-``keepalive_timeout`` when the pong is ``ping_timeout`` late. When the adapter reports that its
-own event loop stalled (``loop_stalled``), pending pong deadlines that had not already passed
-before the stall are pushed back by the stall's length: a pong may be sitting unread in a
-socket buffer, and a busy hub must not mass-disconnect healthy peers.
 """
 
 from __future__ import annotations
 
-import heapq
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any, Final
 
-import orjson
-
+from wirestate.core import frames, ratelimit
 from wirestate.core.actions import Abort, Action, Ping
 from wirestate.core.causes import CloseCause, ErrorCode, GapReason, OverflowPolicy
+from wirestate.core.connection import Connection
 from wirestate.core.lifecycle import CLOSING_STATES, PUMPS, ConnState
 from wirestate.core.lifecycle import ENGINE as LIFECYCLE
 from wirestate.core.machine import Engine
+from wirestate.core.timers import CLOSE, PING, Timers
+from wirestate.core.topics import Event, Topic
+
+__all__ = ["BUILTIN_TOPICS", "PROTOCOL_VERSION", "Connection", "Hub", "HubConfig", "HubStats"]
 
 S = ConnState
 PROTOCOL_VERSION: Final = 1
 #: Topics the hub itself publishes on; clients may subscribe but never publish there.
 BUILTIN_TOPICS: Final = frozenset({"clients", "circuit_breaker", "system_status"})
-
-_PING, _PONG, _CLOSE = 0, 1, 2  # timer kinds
 
 
 @dataclass(frozen=True)
@@ -96,116 +95,6 @@ class HubConfig:
         return self.overflow.get(topic, self.default_overflow)
 
 
-class _Event:
-    """One published event: serialized once, shared by every outbox and the history."""
-
-    __slots__ = ("at", "frame", "seq", "topic")
-
-    def __init__(self, topic: str, seq: int, at: float, frame: bytes) -> None:
-        self.topic = topic
-        self.seq = seq
-        self.at = at
-        self.frame = frame
-
-
-class Topic:
-    """Per-topic sequence, epoch, bounded history, retained latest event and subscribers."""
-
-    __slots__ = ("epoch", "history", "name", "policy", "retained", "seq", "subscribers")
-
-    def __init__(self, name: str, epoch: str, size: int, policy: OverflowPolicy) -> None:
-        self.name = name
-        self.epoch = epoch
-        self.seq = 0
-        self.history: deque[_Event] = deque(maxlen=size)
-        self.retained: _Event | None = None
-        self.policy = policy
-        self.subscribers: dict[str, Connection] = {}
-
-
-_NO_TOPICS: Final[frozenset[str]] = frozenset()
-
-
-class Connection:
-    """One client as the core sees it: the lifecycle model plus its outbox and timers.
-
-    Returned by ``Hub.connect``; the adapter passes it back with every input. Equality is
-    identity (the shared machine must never confuse two connections).
-    """
-
-    __slots__ = (
-        "accepting",
-        "bad_inputs",
-        "cause",
-        "client_id",
-        "close_code",
-        "close_deadline",
-        "closing_at",
-        "limited",
-        "next_ping_at",
-        "opened_at",
-        "outbox",
-        "owed",
-        "ping_sent_at",
-        "pong_deadline",
-        "rtt",
-        "state",
-        "tokens",
-        "tokens_at",
-        "topics",
-    )
-
-    def __init__(self, client_id: str, now: float) -> None:
-        self.client_id = client_id
-        self.state = S.HANDSHAKING
-        self.accepting = False
-        self.cause: CloseCause | None = None
-        self.close_code: int | None = None
-        self.opened_at = now
-        self.closing_at: float | None = None
-        self.close_deadline: float | None = None
-        # A list, not a deque: only appended, iterated and cleared on the hot path, and an
-        # empty deque costs ~600 bytes more per connection (10,000 idle connections: 6 MB).
-        self.outbox: list[_Event | bytes] = []
-        self.owed: dict[str, list[list[int]]] | None = None  # gap ranges owed per topic
-        # Shared and empty until the first subscription: an empty set costs 216 bytes, and
-        # many connections (dashboards, publishers, idle clients) never subscribe.
-        self.topics: set[str] | frozenset[str] = _NO_TOPICS
-        self.next_ping_at: float | None = None
-        self.ping_sent_at: float | None = None
-        self.pong_deadline: float | None = None
-        self.rtt: float | None = None
-        self.bad_inputs = 0
-        self.tokens = -1.0  # the rate limiter's bucket; filled on the first message
-        self.tokens_at = now
-        self.limited = 0  # messages refused since the last one admitted
-
-    def __repr__(self) -> str:
-        return f"<Connection {self.client_id} {self.state.value}>"
-
-    def clone(self) -> Connection:
-        """An independent copy (for the checkers, which branch the hub at every step)."""
-        n = Connection.__new__(Connection)
-        n.client_id = self.client_id
-        n.state = self.state
-        n.accepting = self.accepting
-        n.cause = self.cause
-        n.close_code = self.close_code
-        n.opened_at = self.opened_at
-        n.closing_at = self.closing_at
-        n.close_deadline = self.close_deadline
-        n.outbox = self.outbox.copy()
-        n.owed = {k: [r.copy() for r in v] for k, v in self.owed.items()} if self.owed else None
-        n.topics = self.topics.copy()
-        n.next_ping_at = self.next_ping_at
-        n.ping_sent_at = self.ping_sent_at
-        n.pong_deadline = self.pong_deadline
-        n.rtt = self.rtt
-        n.bad_inputs = self.bad_inputs
-        n.tokens, n.tokens_at, n.limited = self.tokens, self.tokens_at, self.limited
-        return n
-
-
 @dataclass
 class HubStats:
     """Counters the adapter exports as metrics (DESIGN.md metric names in comments)."""
@@ -223,43 +112,6 @@ class HubStats:
     errors: Counter[str] = field(default_factory=Counter)  # `error` messages sent, by code
     duplicates: int = 0  # bus events at or below a topic's seq, ignored (``deliver``)
     epoch_changes: int = 0  # topics whose live subscribers were moved to another epoch
-
-
-_OPTS: Final = orjson.OPT_NON_STR_KEYS
-
-
-def _dumps(value: Any) -> bytes:
-    """Compact JSON, once per event (orjson: the hot path's only serialization)."""
-    return orjson.dumps(value, option=_OPTS)
-
-
-def _frame(value: dict[str, Any]) -> bytes:
-    """A control frame held in an outbox: exact-size bytes (orjson's own output keeps a
-    4 KiB allocation behind even a small result, once per queued frame)."""
-    return orjson.dumps(value, option=_OPTS).decode().encode()
-
-
-class _WallStamp:
-    """Formats ``ts`` cheaply: the date-time prefix is rebuilt only when the second changes."""
-
-    __slots__ = ("prefix", "second")
-
-    def __init__(self) -> None:
-        self.second = -1
-        self.prefix = ""
-
-    def __call__(self, wall: float) -> str:
-        second = int(wall // 1)
-        if second != self.second:
-            self.second = second
-            self.prefix = datetime.fromtimestamp(second, UTC).isoformat()[:19]
-        millis = min(int((wall - second) * 1000), 999)
-        return f"{self.prefix}.{millis:03d}Z"
-
-
-def iso_utc(wall: float) -> str:
-    """Wall seconds since the epoch as ``2026-11-25T16:00:00.000Z`` (UTC, milliseconds)."""
-    return _WallStamp()(wall)
 
 
 class Hub:
@@ -287,11 +139,12 @@ class Hub:
         self.clients: dict[str, Connection] = {}  # the registry
         self.topics: dict[str, Topic] = {}
         self.stats = HubStats()
+        self.timers = Timers(
+            self.config.ping_interval, self.config.ping_timeout, self.config.close_timeout
+        )
         self._actions: list[Action] = []
         self._ready: list[str] = []
-        self._timers: list[tuple[float, int, str, int]] = []
-        self._timer_seq = 0
-        self._stamp = _WallStamp()
+        self._stamp = frames.WallStamp()
 
     # -- outputs -------------------------------------------------------------------------
 
@@ -318,7 +171,7 @@ class Hub:
     def next_deadline(self) -> float | None:
         """When ``tick`` should next be called; None when no timer is armed. It may be
         early (a timer since cancelled); a tick then does nothing."""
-        return self._timers[0][0] if self._timers else None
+        return self.timers.next_deadline()
 
     def oldest_queued_at(self, conn: Connection) -> float | None:
         """When the oldest event still in the client's outbox was published (``now`` of
@@ -354,11 +207,11 @@ class Hub:
                 if ranges:
                     while ranges and ranges[0][1] < e.seq:  # type: ignore[union-attr]
                         lo, hi = ranges.pop(0)
-                        out.append(self._gap_frame(e.topic, lo, hi, GapReason.SLOW_CONSUMER))  # type: ignore[union-attr]
+                        out.append(frames.gap(e.topic, lo, hi, GapReason.SLOW_CONSUMER))  # type: ignore[union-attr]
                 out.append(e.frame)  # type: ignore[union-attr]
             for topic, ranges in owed.items():
                 for lo, hi in ranges:
-                    out.append(self._gap_frame(topic, lo, hi, GapReason.SLOW_CONSUMER))
+                    out.append(frames.gap(topic, lo, hi, GapReason.SLOW_CONSUMER))
             conn.owed = None
         q.clear()
         self.stats.sent += len(out)
@@ -399,8 +252,7 @@ class Hub:
         """The reader and the writer are running: the connection is open."""
         self._fire(conn, "start", now)
         if conn.state is S.OPEN:
-            conn.next_ping_at = now + self.config.ping_interval
-            self._arm(conn.next_ping_at, conn, _PING)
+            self.timers.opened(conn, now)
 
     def close(
         self, conn: Connection, cause: CloseCause, now: float, code: int | None = None
@@ -433,9 +285,7 @@ class Hub:
 
     def pong_received(self, conn: Connection, now: float) -> None:
         """A protocol pong arrived. Unsolicited pongs are ignored (RFC 6455 section 5.5.3)."""
-        if conn.pong_deadline is not None and conn.ping_sent_at is not None:
-            conn.rtt = now - conn.ping_sent_at
-            conn.pong_deadline = None
+        self.timers.pong(conn, now)
 
     def admit(self, conn: Connection, now: float) -> bool:
         """Call for every inbound message before handling it; False means drop it.
@@ -445,13 +295,7 @@ class Hub:
         that keeps sending while refused (``rate_limit_grace`` messages in a row) is closed
         with ``policy`` (1008). Costs no timer: the bucket refills from ``now``."""
         rate = self.config.messages_per_second
-        if conn.tokens < 0:
-            conn.tokens = rate
-        else:
-            conn.tokens = min(rate, conn.tokens + (now - conn.tokens_at) * rate)
-        conn.tokens_at = now
-        if conn.tokens >= 1.0:
-            conn.tokens -= 1.0
+        if ratelimit.take(conn, now, rate):
             conn.limited = 0
             return True
         conn.limited += 1
@@ -498,27 +342,27 @@ class Hub:
         since = since or {}
         recovered: dict[str, bool] = {}
         epochs: dict[str, str] = {}
-        plans: list[tuple[Topic, list[bytes | _Event]]] = []
+        plans: list[tuple[Topic, list[bytes | Event]]] = []
         for name in wanted:
             topic = self._topic(name)
             epochs[name] = topic.epoch
-            ok, frames = self._resume_plan(topic, since.get(name), now)
+            ok, entries = topic.resume_plan(since.get(name), now, self.config.history_max_age)
             recovered[name] = ok
-            plans.append((topic, frames))
+            plans.append((topic, entries))
         self._queue_control(
             conn,
             {"type": "subscribed", "topics": wanted, "recovered": recovered, "epoch": epochs},
             now,
         )
-        for topic, frames in plans:
+        for topic, entries in plans:
             if conn.cause is not None:  # an overflow while queueing began the close
                 return
             topic.subscribers[conn.client_id] = conn
             if conn.topics.__class__ is not set:
                 conn.topics = set(conn.topics)
             conn.topics.add(topic.name)
-            for f in frames:
-                self._queue(conn, f, now)
+            for entry in entries:
+                self._queue(conn, entry, now)
 
     def unsubscribe(self, conn: Connection, topics: Iterable[str], now: float) -> None:
         """Stop events of ``topics``; events of them still queued are withdrawn."""
@@ -580,19 +424,10 @@ class Hub:
 
         ``data`` must be JSON-serializable (``TypeError`` otherwise, before anything
         changes). Never waits: a full outbox is handled by the topic's overflow policy."""
-        body = _dumps(data).decode()
+        body = frames.dumps(data).decode()
         topic = self._topic(topic_name)
         seq = topic.seq + 1
-        if not stale:
-            stale_part = ',"stale":false'
-        elif age is None:
-            stale_part = ',"stale":true'
-        else:
-            stale_part = f',"stale":true,"age":{age!r}'
-        frame = (
-            f'{{"type":"event","topic":{_dumps(topic_name).decode()},"seq":{seq},'
-            f'"ts":"{self.stamp(now)}","data":{body}{stale_part}}}'
-        ).encode()
+        frame = frames.event(topic_name, seq, self.stamp(now), body, stale, age)
         self._emit(topic, seq, frame, now)
         return seq
 
@@ -607,11 +442,8 @@ class Hub:
             return False
         if seq > topic.seq + 1:
             self.rebase(topic_name, seq - 1, now)
-        frame = (
-            f'{{"type":"event","topic":{_dumps(topic_name).decode()},"seq":{seq},'
-            f'"ts":{_dumps(ts).decode()},"data":'
-        ).encode()
-        self._emit(topic, seq, frame + body + b',"stale":false}', now)
+        head = frames.event_head(topic_name, seq, ts)
+        self._emit(topic, seq, head + body + frames.EVENT_TAIL, now)
         return True
 
     def rebase(self, topic_name: str, seq: int, now: float, *, epoch: str | None = None) -> None:
@@ -622,13 +454,13 @@ class Hub:
         is dropped: a resume from before the rebase gets ``history_evicted``."""
         topic = self._topic(topic_name)
         if epoch is not None and epoch != topic.epoch:
-            gap = self._gap_frame(topic_name, None, None, GapReason.EPOCH_CHANGED)
+            gap = frames.gap(topic_name, None, None, GapReason.EPOCH_CHANGED)
             topic.epoch = epoch
             topic.retained = None
             if topic.subscribers:
                 self.stats.epoch_changes += 1
         elif seq > topic.seq:
-            gap = self._gap_frame(topic_name, topic.seq + 1, seq, GapReason.BUS_OUTAGE)
+            gap = frames.gap(topic_name, topic.seq + 1, seq, GapReason.BUS_OUTAGE)
         else:
             return
         topic.seq = seq
@@ -659,15 +491,8 @@ class Hub:
 
     def _emit(self, topic: Topic, seq: int, frame: bytes, now: float) -> None:
         """Append one sequenced event to the topic's history and every subscriber's outbox."""
-        topic_name = topic.name
-        topic.seq = seq
-        event = _Event(topic_name, seq, now, frame)
-        history = topic.history
-        history.append(event)
-        horizon = now - self.config.history_max_age
-        while history and history[0].at < horizon:
-            history.popleft()
-        topic.retained = event
+        event = Event(topic.name, seq, now, frame)
+        topic.append(event, self.config.history_max_age)
         self.stats.published += 1
 
         limit = self.config.send_queue_size
@@ -692,31 +517,15 @@ class Hub:
 
     def tick(self, now: float) -> None:
         """Fire every timer due at ``now``: pings, pong deadlines, close timeouts."""
-        timers = self._timers
-        while timers and timers[0][0] <= now:
-            when, _, client_id, kind = heapq.heappop(timers)
-            conn = self.clients.get(client_id)
-            if conn is None:
-                continue
-            if kind == _PING:
-                if conn.next_ping_at != when or conn.state is not S.OPEN:
-                    continue
-                if conn.pong_deadline is None:
-                    conn.ping_sent_at = now
-                    conn.pong_deadline = now + self.config.ping_timeout
-                    self._arm(conn.pong_deadline, conn, _PONG)
-                    self._actions.append(Ping(client_id))
-                    self.stats.pings += 1
-                conn.next_ping_at = now + self.config.ping_interval
-                self._arm(conn.next_ping_at, conn, _PING)
-            elif kind == _PONG:
-                if conn.pong_deadline != when or conn.state is not S.OPEN:
-                    continue
-                self._fire(conn, "close", now, cause=CloseCause.KEEPALIVE_TIMEOUT)
-            elif conn.close_deadline == when and PUMPS[conn.state] != (False, False):
-                conn.close_deadline = None
-                self._actions.append(Abort(client_id))
+        for kind, conn in self.timers.due(now, self.clients):
+            if kind == PING:
+                self._actions.append(Ping(conn.client_id))
+                self.stats.pings += 1
+            elif kind == CLOSE:
+                self._actions.append(Abort(conn.client_id))
                 self.stats.aborts += 1
+            else:
+                self._fire(conn, "close", now, cause=CloseCause.KEEPALIVE_TIMEOUT)
 
     def loop_stalled(self, now: float, duration: float) -> None:
         """The adapter's event loop was blocked for ``duration`` seconds, ending at ``now``.
@@ -727,41 +536,7 @@ class Hub:
             return
         self.stats.loop_stalls += 1
         self.stats.loop_stall_seconds += duration
-        began = now - duration
-        for conn in self.clients.values():
-            deadline = conn.pong_deadline
-            if deadline is not None and deadline >= began and conn.state is S.OPEN:
-                conn.pong_deadline = deadline + duration
-                self._arm(conn.pong_deadline, conn, _PONG)
-                self.stats.stall_extensions += 1
-
-    def branch(self) -> Hub:
-        """An independent copy of the hub and its registered connections, for checkers
-        that explore several futures of one state. Two things are shared, not copied: the
-        counters (``stats``) and each topic's history, which the explorers never read
-        (none of their inputs resumes with ``since``) and which cost a third of a copy."""
-        other = Hub.__new__(Hub)
-        other.config = self.config
-        other.lifecycle = self.lifecycle
-        other.epoch = self.epoch
-        other.wall_offset = self.wall_offset
-        other.stats = self.stats
-        other._stamp = self._stamp
-        other._actions = []
-        other._ready = []
-        other._timers = self._timers.copy()
-        other._timer_seq = self._timer_seq
-        clients = {cid: c.clone() for cid, c in self.clients.items()}
-        other.clients = clients
-        topics = {}
-        for name, t in self.topics.items():
-            nt = Topic.__new__(Topic)
-            nt.name, nt.epoch, nt.seq, nt.policy = t.name, t.epoch, t.seq, t.policy
-            nt.history, nt.retained = t.history, t.retained
-            nt.subscribers = {cid: clients[cid] for cid in t.subscribers}
-            topics[name] = nt
-        other.topics = topics
-        return other
+        self.stats.stall_extensions += self.timers.stalled(self.clients.values(), now, duration)
 
     # -- internals -----------------------------------------------------------------------
 
@@ -772,10 +547,7 @@ class Hub:
         if after is before:
             return
         if after in CLOSING_STATES and before not in CLOSING_STATES:
-            conn.pong_deadline = None
-            if PUMPS[after] != (False, False):
-                conn.close_deadline = now + self.config.close_timeout
-                self._arm(conn.close_deadline, conn, _CLOSE)
+            self.timers.closing(conn, now)
         if not PUMPS[after][1] and (conn.outbox or conn.owed):
             # The writer is gone: what it never wrote is lost, and counted.
             self.stats.dropped["closed"] += len(conn.outbox)
@@ -799,10 +571,6 @@ class Hub:
                 now,
             )
 
-    def _arm(self, when: float, conn: Connection, kind: int) -> None:
-        self._timer_seq += 1
-        heapq.heappush(self._timers, (when, self._timer_seq, conn.client_id, kind))
-
     def _topic(self, name: str) -> Topic:
         topic = self.topics.get(name)
         if topic is None:
@@ -811,46 +579,14 @@ class Hub:
             self.topics[name] = topic
         return topic
 
-    def _resume_plan(
-        self, topic: Topic, since: int | tuple[int, str | None] | None, now: float
-    ) -> tuple[bool, list[bytes | _Event]]:
-        """(recovered, frames to queue) for a subscriber that has everything up to ``since``."""
-        if since is None:
-            return True, [topic.retained] if topic.retained else []
-        seq, epoch = since if isinstance(since, tuple) else (since, None)
-        if (epoch is not None and epoch != topic.epoch) or seq > topic.seq:
-            # Another sequence space (a restarted node): the client cannot resume into it.
-            gap = self._gap_frame(topic.name, None, None, GapReason.EPOCH_CHANGED)
-            return False, [gap, *([topic.retained] if topic.retained else [])]
-        history = topic.history
-        horizon = now - self.config.history_max_age
-        while history and history[0].at < horizon:
-            history.popleft()
-        if seq >= topic.seq:
-            return True, []
-        first = history[0].seq if history else topic.seq + 1
-        frames: list[bytes | _Event] = []
-        recovered = first <= seq + 1
-        if not recovered:
-            frames.append(
-                self._gap_frame(topic.name, seq + 1, first - 1, GapReason.HISTORY_EVICTED)
-            )
-        frames.extend(e for e in history if e.seq > seq)
-        return recovered, frames
-
-    def _gap_frame(self, topic: str, lo: int | None, hi: int | None, reason: GapReason) -> bytes:
-        return _frame(
-            {"type": "gap", "topic": topic, "from_seq": lo, "to_seq": hi, "reason": reason.value}
-        )
-
     def _error(self, conn: Connection, code: ErrorCode, message: str, now: float) -> None:
         self.stats.errors[code.value] += 1
         self._queue_control(conn, {"type": "error", "code": code.value, "message": message}, now)
 
     def _queue_control(self, conn: Connection, msg: dict[str, Any], now: float) -> None:
-        self._queue(conn, _frame(msg), now)
+        self._queue(conn, frames.control(msg), now)
 
-    def _queue(self, conn: Connection, entry: bytes | _Event, now: float) -> None:
+    def _queue(self, conn: Connection, entry: bytes | Event, now: float) -> None:
         """Queue one entry for a client outside the publish loop (control frames, replay)."""
         if not conn.accepting:
             self.stats.dropped["closing"] += 1
@@ -869,7 +605,7 @@ class Hub:
             topic = self.topics[entry.topic]  # type: ignore[union-attr]
             self._overflow(conn, topic, entry, now)  # type: ignore[arg-type]
 
-    def _overflow(self, conn: Connection, topic: Topic, event: _Event, now: float) -> None:
+    def _overflow(self, conn: Connection, topic: Topic, event: Event, now: float) -> None:
         """The outbox is full: apply the topic's policy. Lossy policies owe a ``gap``."""
         policy = topic.policy
         self.stats.dropped["slow_consumer"] += 1
@@ -877,7 +613,7 @@ class Hub:
             self._fire(conn, "close", now, cause=CloseCause.SLOW_CONSUMER)
             return
         q = conn.outbox
-        victim: _Event | None = None
+        victim: Event | None = None
         if policy is OverflowPolicy.KEEP_LATEST:
             for e in q:
                 if e.__class__ is not bytes and e.topic == topic.name:  # type: ignore[union-attr]

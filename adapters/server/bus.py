@@ -37,7 +37,8 @@ from redis.exceptions import RedisError
 
 from wirestate.core.breaker import Breaker, BreakerConfig, Permit, StateChanged
 from wirestate.core.bus import BusState, Plan, Reconciled
-from wirestate.core.hub import Hub, _dumps
+from wirestate.core.frames import dumps
+from wirestate.core.hub import Hub
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -308,7 +309,7 @@ class RedisBus:
         self._submit(topic, data, None)
 
     def _submit(self, topic: str, data: Any, fut: asyncio.Future[int] | None) -> None:
-        body = _dumps(data)  # TypeError here, before anything is queued
+        body = dumps(data)  # TypeError here, before anything is queued
         if not self._need_state().up and not self._outbox:
             seq = self._local(topic, data)
             if fut is not None:

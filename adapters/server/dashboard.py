@@ -62,8 +62,10 @@ from wirestate.core import diagram
 from wirestate.core.breaker import Breaker
 from wirestate.core.breaker import table as breaker_table
 from wirestate.core.causes import CloseCause
-from wirestate.core.hub import Hub, Topic, iso_utc
+from wirestate.core.frames import iso_utc
+from wirestate.core.hub import Hub
 from wirestate.core.lifecycle import ConnState
+from wirestate.core.topics import Topic
 
 __all__ = [
     "ASSETS",

@@ -32,6 +32,7 @@ from wirestate.core.hub import Connection, Hub, HubConfig
 from wirestate.core.lifecycle import ENGINE as LIFECYCLE
 from wirestate.core.lifecycle import ConnState
 from wirestate.core.machine import Engine
+from wirestate.core.verify.branch import branch, clone
 from wirestate.core.verify.checks import InvariantViolation, Referee
 
 S = ConnState
@@ -75,10 +76,10 @@ class World:
         return cls(hub, [None] * clients, Referee(hub))
 
     def clone(self) -> World:
-        hub = self.hub.branch()
+        hub = branch(self.hub)
         registered = hub.clients
         conns: list[Connection | None] = [
-            None if c is None else registered.get(c.client_id) or c.clone() for c in self.conns
+            None if c is None else registered.get(c.client_id) or clone(c) for c in self.conns
         ]
         return World(hub, conns, self.referee.copy(hub), self.now)
 

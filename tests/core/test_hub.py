@@ -10,7 +10,8 @@ from transitions import MachineError
 
 from wirestate.core.actions import Abort, Close, Ping, Reject, Unregistered
 from wirestate.core.causes import CloseCause, ErrorCode, OverflowPolicy
-from wirestate.core.hub import Connection, Hub, HubConfig, iso_utc
+from wirestate.core.frames import iso_utc
+from wirestate.core.hub import Connection, Hub, HubConfig
 from wirestate.core.lifecycle import ConnState
 from wirestate.models.wire import SERVER_MESSAGE
 
