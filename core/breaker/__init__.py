@@ -1,39 +1,36 @@
-"""The circuit breaker: its transition table (`table`), the pure `Breaker` and the
-cached-value fallback (`CachedSource`). docs/breaker.md gives the contract."""
+"""The circuit breaker, pure: its transition table (`table`), its configuration
+(`config`), the values it hands out (`values`), the `Breaker` itself (`breaker`) and the
+cached-value fallback around it (`cached`). docs/breaker.md gives the contract; everything
+public is importable from here."""
 
-from wirestate.core.breaker.breaker import (
-    MACHINE,
-    NO_VALUE,
-    REFUSED,
-    TRANSITIONS,
-    TRIGGERS,
+from wirestate.core.breaker.breaker import Breaker
+from wirestate.core.breaker.cached import CachedSource, CacheEntry, PollReason, PollResult
+from wirestate.core.breaker.config import (
     Backoff,
-    Breaker,
     BreakerConfig,
+    CountWindow,
+    ErrorMatcher,
+    FailureRateRule,
+    SlowCallRule,
+    TimeWindow,
+)
+from wirestate.core.breaker.table import MACHINE, REFUSED, TRANSITIONS, TRIGGERS, BreakerState
+from wirestate.core.breaker.values import (
+    NO_VALUE,
     BreakerSnapshot,
-    BreakerState,
-    CachedSource,
-    CacheEntry,
     CallEvent,
     CallFailed,
     CallIgnored,
     CallRejected,
     CallSucceeded,
     CallTimeout,
-    CountWindow,
-    ErrorMatcher,
-    FailureRateRule,
     Outcome,
     Permit,
     PersistedBreaker,
-    PollReason,
-    PollResult,
     Rejected,
     RejectReason,
     Settlement,
-    SlowCallRule,
     StateChanged,
-    TimeWindow,
     TransitionCause,
     wall_iso,
 )
