@@ -237,7 +237,7 @@ async def _serve(mode: str, port: int, n: int, events: int, scale: bool, burst: 
     if gc_mode == "off":
         gc.disable()
     elif gc_mode == "same" or (gc_mode == "shipped" and mode == "wirestate"):
-        from wirestate.adapters.server.service import tune_gc
+        from wirestate.adapters.tools.cli import tune_gc
 
         tune_gc()
     rss0 = _rss_kib()

@@ -146,8 +146,8 @@ class Host(Protocol):
 
     hub: Hub | None
 
-    def _dispatch(self) -> None: ...
-    def _now(self) -> float: ...
+    def dispatch(self) -> None: ...
+    def now(self) -> float: ...
 
 
 class MemoryBus:
@@ -315,13 +315,13 @@ class RedisBus:
             if fut is not None:
                 fut.set_result(seq)
             return
-        ts = self._need_hub().stamp(self._host._now())
+        ts = self._need_hub().stamp(self._host.now())
         self._outbox.append((topic, body, ts, fut))
         self._outbox_ready.set()
 
     def _local(self, topic: str, data: Any) -> int:
-        seq = self._need_state().publish_local(topic, data, self._host._now())
-        self._host._dispatch()
+        seq = self._need_state().publish_local(topic, data, self._host.now())
+        self._host.dispatch()
         return seq
 
     async def _publisher(self) -> None:
@@ -408,10 +408,10 @@ class RedisBus:
                     client=pipe,
                 )
             replies = await pipe.execute()
-        now = self._host._now()
+        now = self._host.now()
         for topic, (epoch, seq, newest) in zip(topics, replies, strict=True):
             state.attach(topic, epoch.decode(), int(seq), _entries(reversed(newest)), now)
-        self._host._dispatch()
+        self._host.dispatch()
 
     async def wake(self) -> None:
         """Make the blocked reader look at the set of topics again (after a subscription:
@@ -449,7 +449,7 @@ class RedisBus:
             reply = await redis.xread(streams, count=READ_COUNT, block=BLOCK_MS)
         if not reply:
             return
-        now = self._host._now()
+        now = self._host.now()
         entry_lists: list[tuple[bytes, Any]] = list(cast(Any, reply))  # RESP2: a list
         for key, entries in entry_lists:
             name = key.decode()
@@ -457,7 +457,7 @@ class RedisBus:
                 self._wake_id = entries[-1][0]
                 continue
             self.read += state.entries(topic_of(name), _entries(entries), now)
-        self._host._dispatch()
+        self._host.dispatch()
 
     def _lost(self, exc: BaseException) -> None:
         state = self._need_state()
@@ -470,7 +470,7 @@ class RedisBus:
 
     async def _recover(self) -> None:
         """One attempt, when the breaker allows, to reconnect, reconcile and re-attach."""
-        now = self._host._now()
+        now = self._host.now()
         got = self.breaker.acquire(now)
         self._transitions()
         if not isinstance(got, Permit):
@@ -479,15 +479,15 @@ class RedisBus:
         try:
             await self._reconnect()
         except asyncio.CancelledError:
-            self.breaker.on_cancelled(got, self._host._now())
+            self.breaker.on_cancelled(got, self._host.now())
             raise
         except Exception as exc:
-            self.breaker.on_failure(got, self._host._now(), exc)
+            self.breaker.on_failure(got, self._host.now(), exc)
             self._transitions()
             log.debug("bus: reconnect failed (%s)", type(exc).__name__)
             await asyncio.sleep(RETRY_PAUSE)
             return
-        self.breaker.on_success(got, self._host._now())
+        self.breaker.on_success(got, self._host.now())
         self._transitions()
 
     async def _reconnect(self) -> None:
@@ -509,7 +509,7 @@ class RedisBus:
                         client=pipe,
                     )
                 replies = await pipe.execute()
-            now = self._host._now()
+            now = self._host.now()
             for plan, reply in zip(plans, replies, strict=True):
                 self._reconciled(plan, reply, now)
         # Re-subscribe: every bus topic with a subscriber here is read from its cursor.
@@ -527,7 +527,7 @@ class RedisBus:
         log.info(
             "bus: link to Redis confirmed; %d topics reconciled, %d read", len(plans), attached
         )
-        self._host._dispatch()
+        self._host.dispatch()
         if self._outbox:
             self._outbox_ready.set()
 

@@ -51,13 +51,13 @@ from wirestate.adapters.server.auth import (
     Grants,
     token_from_request,
 )
-from wirestate.adapters.server.sources import BREAKER_TOPIC, SourcePoller
-from wirestate.adapters.server.transports.http import (
+from wirestate.adapters.server.routes import (
     HttpRequest,
     HttpResponse,
     Router,
     error_response,
 )
+from wirestate.adapters.server.sources import BREAKER_TOPIC, SourcePoller
 from wirestate.core import diagram
 from wirestate.core.breaker import Breaker
 from wirestate.core.breaker import table as breaker_table

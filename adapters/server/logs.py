@@ -25,6 +25,9 @@ Rules:
   exceptions by type name, anything else by ``str``).
 - Every line is one line: in text mode a message with newlines or other control characters
   is written with JSON string escapes, and such extra values are quoted.
+- Secrets never reach a handler: `install_redaction` scrubs the configured secret and
+  anything shaped like a JWT from the records of the loggers that can carry them
+  (websockets logs request lines at DEBUG, ``?token=`` included; uvicorn logs paths).
 """
 
 from __future__ import annotations
@@ -32,11 +35,14 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from collections.abc import Iterable
 from datetime import UTC, datetime
 from enum import Enum
 from typing import Any, Literal, TextIO
 
-__all__ = ["configure_logging"]
+from wirestate.adapters.server.auth import redact
+
+__all__ = ["Redact", "configure_logging", "install_redaction"]
 
 #: Attributes every LogRecord has; anything else on a record came from ``extra=``.
 _RECORD_ATTRIBUTES = frozenset(vars(logging.makeLogRecord({}))) | {
@@ -146,3 +152,29 @@ def configure_logging(
     # websockets logs every connection open and close at INFO, naming the connection
     # object: wirestate's own lines say the same with the client id and the close cause.
     logging.getLogger("websockets").setLevel(max(logging.WARNING, root.level))
+
+
+class Redact(logging.Filter):
+    """Replaces tokens (and the configured secret) in a record's text before any handler
+    sees it."""
+
+    def __init__(self, secrets: list[str]) -> None:
+        super().__init__()
+        self.secrets = secrets
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        clean = redact(text, self.secrets)
+        if clean != text:
+            record.msg, record.args = clean, None
+        return True
+
+
+def install_redaction(loggers: Iterable[str], secrets: list[str]) -> None:
+    """Scrub ``secrets`` and JWT-shaped text from every record of ``loggers`` (replacing a
+    filter installed by an earlier call, so a second server's secret takes over)."""
+    for name in loggers:
+        target = logging.getLogger(name)
+        for old in [f for f in target.filters if isinstance(f, Redact)]:
+            target.removeFilter(old)
+        target.addFilter(Redact(secrets))

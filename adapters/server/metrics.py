@@ -36,7 +36,7 @@ from prometheus_client import (
 )
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from wirestate.adapters.server.transports.http import HttpRequest, HttpResponse
+from wirestate.adapters.server.routes import HttpRequest, HttpResponse
 from wirestate.core.causes import CloseCause
 from wirestate.core.hub import HubStats
 

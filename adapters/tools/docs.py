@@ -390,7 +390,7 @@ def _config() -> str:
 
 def _label_values() -> dict[tuple[str, str], list[str]]:
     """Known values of each label, from the enums and the code that sets them."""
-    from wirestate.adapters.server import service as server
+    from wirestate.adapters.server.admission import RefusalReason
     from wirestate.core import hub
     from wirestate.core.breaker import BreakerState
     from wirestate.core.causes import CloseCause, ErrorCode
@@ -398,14 +398,13 @@ def _label_values() -> dict[tuple[str, str], list[str]]:
 
     # The drop and refusal reasons are string literals where they are counted; read there.
     dropped = re.findall(r'dropped\["([a-z_]+)"\]', inspect.getsource(hub))
-    refused = re.findall(r'Refusal\(\s*\d+,\s*"([a-z_]+)"', inspect.getsource(server))
     states = [s.value for s in BreakerState]
     return {
         ("wirestate_connections", "state"): [s.value for s in ConnState if s in REGISTERED],
         ("wirestate_disconnects", "cause"): [c.value for c in CloseCause],
         ("wirestate_messages_dropped", "reason"): list(dict.fromkeys(dropped)),
         ("wirestate_errors_sent", "code"): [c.value for c in ErrorCode],
-        ("wirestate_connections_rejected", "reason"): list(dict.fromkeys(refused)),
+        ("wirestate_connections_rejected", "reason"): [r.value for r in RefusalReason],
         ("wirestate_breaker_state", "breaker"): ["a source's topic", "bus"],
         ("wirestate_breaker_state", "state"): states,
         ("wirestate_breaker_transitions", "breaker"): ["a source's topic", "bus"],

@@ -93,7 +93,7 @@ async def test_every_event_arrives_once_in_order_or_inside_a_gap(seed: int, hist
         real_unregister = hub.unregister
 
         def checked_unregister(conn: Any, now: float) -> None:
-            client = server._clients.get(conn.client_id)
+            client = server.sessions.get(conn.client_id)
             if client is not None and client.writer is not None and not client.writer.done():
                 early.append(conn.client_id)
             real_unregister(conn, now)

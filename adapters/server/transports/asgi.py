@@ -15,26 +15,22 @@ no lifespan (Starlette's ``Mount`` does not forward it): enter ``hub.running()``
 parent's lifespan, or pass ``hub.lifespan`` as the parent's ``lifespan=``. Nothing starts
 on a first request: until the hub runs, every request is answered 503 ``not_started``.
 
-Rules of this module (those of ``wirestate.adapters.server``, over ASGI messages):
+Rules of this module: it moves ASGI messages and nothing else. Each accepted WebSocket is
+one `Session` (``wirestate.adapters.server.session``) over an `AsgiTransport`, in the task
+the ASGI server gave the connection, exactly as on the websockets transport: the same
+reader, writer, message handling, auth and the one place that unregisters.
 
-* One connection is one handler (the ASGI server's task for it). A ``TaskGroup`` runs the
-  reader (``receive()`` to the core) and the writer (the outbox to ``send()``, the only task
-  that sends once the upgrade is accepted); each reports its own end to the core from its
-  ``finally``, and the handler's ``finally`` is the one place that unregisters, after the
-  group has ended, so both pumps have finished (lifecycle invariant 1). The core's ``Abort``
-  cancels both pumps.
-* Inbound messages go through the server's own code (``admit``, ``_message``: auth, claims,
-  the bus), binary frames are ``bad_input``, a frame over ``[limits] max_message_size``
-  closes with 1009; ``_dispatch`` runs after every core input. No policy is decided here.
-* Upgrade checks, in the websockets server's order: shutting down (503), connection limits
-  (503, or 429 per IP), Origin allowlist (403), token from ``Authorization: Bearer`` or
-  ``?token=`` (401), each counted in ``wirestate_connections_rejected_total{reason}``. The
+* Upgrade checks are the service's admission, in the same order, each refusal counted; the
   refusal is a real HTTP status through the ASGI ``websocket.http.response`` extension when
   the server offers it (uvicorn does), else a ``websocket.close`` before accept (the server
   then answers 403) with 1008, or 1013 for limits and shutdown.
 * Open mode (no ``[auth]``) serves loopback only, as ``WirestateServer.start`` does: the
   ASGI server's bind address is not known here, so a request that arrived on a non-loopback
   address (``scope["server"]``) is refused with 403, reason ``open_mode``.
+* A frame over ``[limits] max_message_size`` closes with 1009 (the session checks the
+  size: ASGI servers apply their own, larger limit).
+* ASGI cannot abort a connection: the core's ``Abort``, or a writer whose send outlived the
+  close timeout, cancels the session's reader instead, which ends the connection's handler.
 * Nothing from the peer or from an exception reaches the wire: errors are fixed texts; an
   endpoint that raises is a 500 and one log line naming the exception type. Logs go to the
   ``wirestate.asgi`` logger; tokens are scrubbed from it and from uvicorn's loggers, which
@@ -73,25 +69,18 @@ import logging
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from contextlib import AbstractAsyncContextManager
-from typing import Any, Final, cast
+from typing import Any, Final
 
-from websockets.asyncio.server import ServerConnection
-
-from wirestate.adapters.server.auth import Grants, token_from_request
-from wirestate.adapters.server.service import (
-    BINARY_MESSAGE,
-    Refusal,
-    WirestateServer,
-    _Client,
-    _loopback,
-    _Redact,
-)
-from wirestate.adapters.server.transports.http import HttpRequest, HttpResponse, error_response
-from wirestate.core.causes import CloseCause, ErrorCode
-from wirestate.core.hub import Connection
+from wirestate.adapters.server.admission import Refusal, RefusalReason, loopback
+from wirestate.adapters.server.auth import token_from_request
+from wirestate.adapters.server.logs import install_redaction
+from wirestate.adapters.server.routes import HttpRequest, HttpResponse, error_response
+from wirestate.adapters.server.service import WirestateServer
+from wirestate.adapters.server.session import Ended, Session
+from wirestate.core.causes import CloseCause
 from wirestate.models.settings import Settings
 
-__all__ = ["WirestateASGI", "disconnect_cause", "route_path"]
+__all__ = ["AsgiTransport", "WirestateASGI", "disconnect_cause", "route_path"]
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -131,28 +120,6 @@ def route_path(scope: Scope) -> str:
     return rest if rest.startswith("/") else path
 
 
-class _AsgiClient(_Client):
-    """A connection served over ASGI, in the server's registry beside websockets' own.
-
-    It has no websockets connection: ``ws`` is None. ``WirestateServer._dispatch`` reads
-    ``ws`` only for a writer parked as ``idle`` (to write on its behalf without a wake-up);
-    this client's writer never sets ``idle``, so every delivery wakes it, and ``abort`` is
-    overridden to cancel both pumps instead of aborting a transport."""
-
-    __slots__ = ("disconnected", "reader")
-
-    def __init__(self, conn: Connection) -> None:
-        super().__init__(cast(ServerConnection, None), conn)
-        self.reader: asyncio.Task[None] | None = None
-        #: the reader saw ``websocket.disconnect``: nothing may be sent any more
-        self.disconnected = False
-
-    def abort(self) -> None:
-        for task in (self.reader, self.writer):
-            if task is not None:
-                task.cancel()
-
-
 class WirestateASGI:
     """An ASGI 3 application serving one `WirestateServer`'s hub (see the module docstring).
 
@@ -168,9 +135,8 @@ class WirestateASGI:
         if server is not None and settings is not None:
             raise ValueError("pass settings or a server, not both")
         self.server = server or WirestateServer(settings)
-        self._router = self.server._http_app()
         secret = self.server.settings.auth.secret if self.server.settings.auth else None
-        _install_redaction([secret.get_secret_value()] if secret else [])
+        install_redaction(_LOGGERS, [secret.get_secret_value()] if secret else [])
 
     # -- starting and stopping -------------------------------------------------------------
 
@@ -274,7 +240,7 @@ class WirestateASGI:
             client=(str(client[0]), int(client[1])) if client else None,
         )
         try:
-            response = await self._router(request)
+            response = await server.http_app(request)
         except Exception as exc:
             # The type name only: exception text may carry request data or secrets.
             log.error("HTTP endpoint raised %s", type(exc).__name__)
@@ -287,18 +253,21 @@ class WirestateASGI:
         if (await receive())["type"] != "websocket.connect":
             return  # gone before the upgrade was considered
         server = self.server
+        admission = server.admission
         if server.hub is None:
-            await _refuse(server, scope, send, Refusal(503, "not_started", NOT_STARTED + "\n"))
+            refusal = admission.refuse(503, RefusalReason.NOT_STARTED, NOT_STARTED)
+            await _deny(scope, send, refusal.status, refusal.text)
             return
         if route_path(scope) != WS_PATH:
             await _deny(scope, send, 404, "no WebSocket endpoint here; connect to /ws\n")
             return
         if _exposed(server, scope):
-            await _refuse(server, scope, send, Refusal(403, "open_mode", OPEN_MODE + "\n"))
+            refusal = admission.refuse(403, RefusalReason.OPEN_MODE, OPEN_MODE)
+            await _deny(scope, send, refusal.status, refusal.text)
             return
         headers = [(n.decode("latin-1"), v.decode("latin-1")) for n, v in scope["headers"]]
         query = scope.get("query_string", b"").decode("latin-1")
-        decision = server.upgrade_decision(
+        decision = admission.decide(
             _ip(scope),
             next((v for n, v in headers if n.lower() == "origin"), None),
             lambda: token_from_request(headers, f"?{query}"),
@@ -306,131 +275,80 @@ class WirestateASGI:
         if isinstance(decision, Refusal):
             await _deny(scope, send, decision.status, decision.text)
             return
-        task = asyncio.current_task()
-        assert task is not None
-        server._handlers.add(task)  # stop() waits for this handler
         try:
-            try:
-                await send({"type": "websocket.accept"})
-            except OSError:
-                return  # gone during the upgrade: never registered
-            if server._closing:  # stop() began while the upgrade was being accepted
-                with contextlib.suppress(OSError):
-                    await send({"type": "websocket.close", "code": 1001, "reason": "shutdown"})
-                return
-            # None: with [auth] first_message, the token comes in the first message, in time
-            await self._serve(scope, receive, send, decision)
-        finally:
-            server._handlers.discard(task)
+            await send({"type": "websocket.accept"})
+        except OSError:
+            return  # gone during the upgrade: never registered
+        transport = AsgiTransport(scope, receive, send, server.settings.server.close_timeout)
+        # decision None: with [auth] first_message, the token comes in the first message
+        await Session(server, transport, secrets.token_hex(8), _ip(scope), decision).run()
 
-    async def _serve(
-        self, scope: Scope, receive: Receive, send: Send, grants: Grants | None
-    ) -> None:
-        """One accepted connection, from registration to unregistration."""
-        server = self.server
-        hub = server._need_hub()
-        now = server._now()
-        cid = secrets.token_hex(8)
-        conn = hub.connect(cid, now)
-        hub.accept(conn, now)
-        client = _AsgiClient(conn)
-        ip = _ip(scope)
-        server._register(client, grants, ip)
-        try:
-            hub.start(conn, server._now())
-            log.info("connected", extra={"client_id": cid, "peer": _peer(scope)})
-            server._dispatch()
-            async with asyncio.TaskGroup() as tg:
-                client.reader = tg.create_task(self._reader(client, receive), name=f"r-{cid}")
-                client.writer = tg.create_task(self._writer(client, send), name=f"w-{cid}")
-        finally:
-            # The task group has ended: both pumps have reported their end.
-            server._release(client, ip)
 
-    async def _reader(self, client: _AsgiClient, receive: Receive) -> None:
-        server = self.server
-        hub, conn = server._need_hub(), client.conn
-        limit = server.settings.limits.max_message_size
-        cause, code = CloseCause.READ_ERROR, None
-        try:
-            while True:
-                message = await receive()
-                kind = message["type"]
-                if kind == "websocket.disconnect":
-                    client.disconnected = True
-                    cause, code = disconnect_cause(message.get("code", 1005))
-                    return
-                if kind != "websocket.receive":
-                    continue
-                now = server._now()
-                text: str | None = message.get("text")
-                data: bytes | None = message.get("bytes") if text is None else None
-                if _too_big(text, data, limit):
-                    # What websockets' max_size does on the other transport: close 1009.
-                    hub.close(conn, CloseCause.MESSAGE_TOO_BIG, now)
-                    server._dispatch()
-                    continue
-                if not hub.admit(conn, now):
-                    server._dispatch()
-                    continue
-                if text is None:
-                    hub.bad_input(conn, ErrorCode.INVALID_MESSAGE, BINARY_MESSAGE, now)
-                else:
-                    attaching = server._message(conn, text, now)
-                    if attaching is not None:  # the bus reads the topics first
-                        await attaching
-                server._dispatch()
-        finally:
-            hub.reader_done(conn, server._now(), cause, code)
-            server._dispatch()
+class AsgiTransport:
+    """An accepted ASGI WebSocket as a session's `Transport` (the module docstring says
+    what differs from the websockets transport)."""
 
-    async def _writer(self, client: _AsgiClient, send: Send) -> None:
-        """The one task that sends after the upgrade: frames, then the close. Every send is
-        bounded by the close timeout: a peer that stopped reading blocks ``send()``."""
-        server = self.server
-        hub, conn = server._need_hub(), client.conn
-        timeout = server.settings.server.close_timeout
-        cause: CloseCause | None = None
+    __slots__ = ("_receive", "_send", "disconnected", "scope", "timeout")
+
+    keeps_alive = True  # the ASGI server's keep-alive watches the peer
+    limits_size = False  # the ASGI server's own limit is larger: the session checks
+
+    def __init__(self, scope: Scope, receive: Receive, send: Send, timeout: float) -> None:
+        self.scope = scope
+        self._receive = receive
+        self._send = send
+        self.timeout = timeout
+        #: ``websocket.disconnect`` was received: nothing may be sent any more
+        self.disconnected = False
+
+    def peer(self) -> tuple[str, int] | None:
+        client = self.scope.get("client")
+        return (str(client[0]), int(client[1])) if client else None
+
+    async def receive(self) -> str | bytes:
+        while True:
+            message = await self._receive()
+            kind = message["type"]
+            if kind == "websocket.disconnect":
+                self.disconnected = True
+                raise Ended(*disconnect_cause(message.get("code", 1005)))
+            if kind != "websocket.receive":
+                continue
+            text: str | None = message.get("text")
+            if text is not None:
+                return text
+            data: bytes | None = message.get("bytes")
+            return data if data is not None else b""
+
+    def ready(self) -> bool:
+        return False  # every send may wait: the writer does it
+
+    def write(self, frames: list[bytes]) -> None:  # pragma: no cover - ready() is False
+        raise AssertionError("an ASGI connection is written by its writer only")
+
+    async def send(self, frames: list[bytes]) -> None:
+        if self.disconnected:
+            return  # the peer's close already ended it; the reader reports why
         try:
-            while True:
-                await client.wait()  # never marked idle: see _AsgiClient
-                published_at = hub.oldest_queued_at(conn)
-                frames = hub.drain(conn)
-                if frames and not client.disconnected:
-                    async with asyncio.timeout(timeout):
-                        for frame in frames:
-                            await send({"type": "websocket.send", "text": frame.decode()})
-                    if published_at is not None:
-                        server.metrics.observe_publish_to_write(server._now() - published_at)
-                if client.ping_due:
-                    # No ping in ASGI: the ASGI server's keep-alive watches the peer (module
-                    # docstring), so the core's ping is answered here, in the writer's turn.
-                    client.ping_due = False
-                    hub.pong_received(conn, server._now())
-                if client.close is not None:
-                    close = client.close
-                    if not client.disconnected:  # else the peer's close already ended it
-                        async with asyncio.timeout(timeout):
-                            await send(
-                                {
-                                    "type": "websocket.close",
-                                    "code": close.code,
-                                    "reason": close.reason,
-                                }
-                            )
-                    return
-        except TimeoutError:
-            # The peer stopped reading. ASGI cannot abort the transport, which is what ends
-            # the reader on the websockets transport: end it here, so the handler returns
-            # and the ASGI server closes the connection.
-            cause = CloseCause.SLOW_CONSUMER
-            if client.reader is not None:
-                client.reader.cancel()
+            for frame in frames:
+                await self._send({"type": "websocket.send", "text": frame.decode()})
         except OSError:  # the ASGI spec's error for a send on a closed connection
-            cause = CloseCause.WRITE_ERROR
-        finally:
-            hub.writer_done(conn, server._now(), cause)
-            server._dispatch()
+            raise Ended() from None
+
+    async def ping(self) -> Awaitable[object]:  # pragma: no cover - keeps_alive
+        raise AssertionError("an ASGI connection is kept alive by its server")
+
+    async def close(self, code: int, reason: str) -> None:
+        if self.disconnected:
+            return
+        try:
+            async with asyncio.timeout(self.timeout):
+                await self._send({"type": "websocket.close", "code": code, "reason": reason})
+        except OSError:
+            raise Ended() from None
+
+    def abort(self) -> bool:
+        return False  # ASGI has no abort: the session cancels its reader
 
 
 def disconnect_cause(code: int) -> tuple[CloseCause, int]:
@@ -444,19 +362,12 @@ def disconnect_cause(code: int) -> tuple[CloseCause, int]:
     return CloseCause.PEER_CLOSE, code
 
 
-def _too_big(text: str | None, data: bytes | None, limit: int) -> bool:
-    if text is not None:
-        # Encoded only when the character count alone cannot decide (UTF-8: 1-4 bytes each).
-        return len(text) > limit or (len(text) * 4 > limit and len(text.encode()) > limit)
-    return data is not None and len(data) > limit
-
-
 def _exposed(server: WirestateServer, scope: Scope) -> bool:
     """Open mode, and the request arrived on a non-loopback address."""
     if server.auth.required:
         return False
     local = scope.get("server")
-    return local is not None and not _loopback(str(local[0]))
+    return local is not None and not loopback(str(local[0]))
 
 
 def _ip(scope: Scope) -> str:
@@ -508,11 +419,6 @@ async def _respond(send: Send, response: HttpResponse, head_only: bool) -> None:
     await send({"type": "http.response.body", "body": b"" if head_only else response.body})
 
 
-async def _refuse(server: WirestateServer, scope: Scope, send: Send, refusal: Refusal) -> None:
-    server.refused(refusal)
-    await _deny(scope, send, refusal.status, refusal.text)
-
-
 async def _deny(scope: Scope, send: Send, status: int, text: str) -> None:
     """Answer an upgrade with an HTTP status, or close it before accepting."""
     if "websocket.http.response" in (scope.get("extensions") or {}):
@@ -527,11 +433,3 @@ async def _deny(scope: Scope, send: Send, status: int, text: str) -> None:
     else:
         code = _AGAIN if status in (429, 503) else _POLICY
         await send({"type": "websocket.close", "code": code})
-
-
-def _install_redaction(secrets: list[str]) -> None:
-    for name in _LOGGERS:
-        target = logging.getLogger(name)
-        for old in [f for f in target.filters if isinstance(f, _Redact)]:
-            target.removeFilter(old)
-        target.addFilter(_Redact(secrets))

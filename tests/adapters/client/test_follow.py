@@ -53,8 +53,8 @@ async def test_follow_resumes_across_a_cut_with_no_duplicate(server: WirestateSe
     async with asyncio.timeout(WAIT):
         while out.getvalue().count('"type":"event"') < 3:  # noqa: ASYNC110
             await asyncio.sleep(0.005)
-    for client in list(server._clients.values()):
-        client.ws.transport.abort()  # cut it server-side
+    for client in list(server.sessions.values()):
+        client.transport.abort()  # cut it server-side
     for i in range(3, 6):
         await server.publish("t", {"i": i})  # published while it is away
     assert await asyncio.wait_for(task, WAIT) == 0
@@ -119,8 +119,8 @@ async def test_follow_prints_a_gap_for_what_history_lost() -> None:
         async with asyncio.timeout(WAIT):
             while "t #1 " not in out.getvalue():  # noqa: ASYNC110
                 await asyncio.sleep(0.005)
-        for client in list(srv._clients.values()):
-            client.ws.transport.abort()
+        for client in list(srv.sessions.values()):
+            client.transport.abort()
         for i in range(1, 4):
             await srv.publish("t", {"i": i})  # seq 2..4; history keeps only 4
         assert await asyncio.wait_for(task, WAIT) == 0

@@ -54,8 +54,8 @@ async def hub(
 
 def cut(server: WirestateServer) -> None:
     """Drop every client's TCP connection from the server side, with no close frame."""
-    for client in list(server._clients.values()):
-        client.ws.transport.abort()
+    for client in list(server.sessions.values()):
+        client.transport.abort()
 
 
 async def take(sub: Subscription, n: int) -> list[Event | Gap]:

@@ -19,8 +19,8 @@ from websockets.asyncio.client import ClientConnection, connect
 
 from wirestate.adapters.server import dashboard
 from wirestate.adapters.server.dashboard import ASSETS, PAGE, Dashboard
+from wirestate.adapters.server.routes import HttpRequest, Router
 from wirestate.adapters.server.service import WirestateServer
-from wirestate.adapters.server.transports.http import HttpRequest, Router
 from wirestate.core import diagram
 from wirestate.core.breaker import BreakerConfig
 from wirestate.core.breaker import table as breaker_table

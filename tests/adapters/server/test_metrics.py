@@ -9,7 +9,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
 from wirestate.adapters.server.metrics import CONTENT_TYPE, Metrics
-from wirestate.adapters.server.transports.http import HttpRequest
+from wirestate.adapters.server.routes import HttpRequest
 from wirestate.core.causes import CloseCause
 from wirestate.core.hub import HubStats
 

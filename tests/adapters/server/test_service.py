@@ -601,8 +601,8 @@ async def test_events_published_in_one_loop_iteration_leave_in_one_write(
     hub: WirestateServer,
 ) -> None:
     ws = await client(hub, "burst")
-    (server_side,) = hub._clients.values()
-    transport = server_side.ws.transport
+    (session,) = hub.sessions.values()
+    transport = session.transport.ws.transport  # type: ignore[attr-defined]
     writes: list[bytes] = []
     real_write = transport.write
 
@@ -630,13 +630,13 @@ async def test_serve_runs_on_uvloop_when_asked() -> None:
 async def test_a_fan_out_yields_between_chunks_and_late_clients_get_more_per_write(
     hub: WirestateServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from wirestate.adapters.server import service as server_module
+    from wirestate.adapters.server import service as service_module
 
-    monkeypatch.setattr(server_module, "FLUSH_CHUNK", 2)
+    monkeypatch.setattr(service_module, "FLUSH_CHUNK", 2)
     socks = [await client(hub, "fan") for _ in range(4)]
     writes: dict[str, int] = {}
-    for cid, side in hub._clients.items():
-        transport = side.ws.transport
+    for cid, session in hub.sessions.items():
+        transport = session.transport.ws.transport  # type: ignore[attr-defined]
         real = transport.write
 
         def counting(data: Any, cid: str = cid, real: Any = real) -> None:
@@ -660,7 +660,7 @@ async def test_a_fan_out_yields_between_chunks_and_late_clients_get_more_per_wri
 def test_tune_gc_freezes_start_up_and_widens_the_young_generation() -> None:
     # In a child process: the test process's own collector stays as it is.
     code = (
-        "import gc; from wirestate.adapters.server.service import tune_gc, GC_YOUNG; "
+        "import gc; from wirestate.adapters.tools.cli import tune_gc, GC_YOUNG; "
         "before = gc.get_freeze_count(); tune_gc(); "
         "print(before, gc.get_freeze_count() > before, gc.get_threshold()[0] == GC_YOUNG)"
     )
@@ -673,7 +673,7 @@ def test_tune_gc_freezes_start_up_and_widens_the_young_generation() -> None:
 async def test_join_cancels_the_writer_when_the_reader_fails_and_logs_a_failed_writer(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    from wirestate.adapters.server.service import _join
+    from wirestate.adapters.server.session import join
 
     forever = asyncio.Event()
 
@@ -682,7 +682,7 @@ async def test_join_cancels_the_writer_when_the_reader_fails_and_logs_a_failed_w
 
     writer = asyncio.create_task(forever.wait())
     with pytest.raises(OSError, match="the reader broke"):
-        await _join(failing_reader(), writer)
+        await join(failing_reader(), writer)
     assert writer.cancelled()  # not left running behind the handler
 
     async def quiet_reader() -> None:
@@ -692,5 +692,5 @@ async def test_join_cancels_the_writer_when_the_reader_fails_and_logs_a_failed_w
         raise RuntimeError("secret detail")
 
     with caplog.at_level("ERROR", logger="wirestate.server"):
-        await _join(quiet_reader(), asyncio.create_task(failing_writer()))
+        await join(quiet_reader(), asyncio.create_task(failing_writer()))
     assert [r.getMessage() for r in caplog.records] == ["writer failed: RuntimeError"]

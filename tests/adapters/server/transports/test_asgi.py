@@ -23,7 +23,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from wirestate.adapters.server.transports.asgi import WirestateASGI, disconnect_cause, route_path
 from wirestate.core.causes import CloseCause
-from wirestate.core.lifecycle import ConnState
+from wirestate.core.lifecycle import PUMPS, ConnState
 from wirestate.models.settings import Settings
 
 pytestmark = [
@@ -220,7 +220,7 @@ async def test_a_peer_close_unregisters_the_client_with_cause_peer_close(mounted
     gone = await disconnected(watcher, cid)
     assert (gone["cause"], gone["code"]) == ("peer_close", 4000)
     assert cid not in mounted.hub.clients
-    assert cid not in mounted.app.server._clients
+    assert cid not in mounted.app.server.sessions
     await watcher.close()
 
 
@@ -323,15 +323,17 @@ def endless_receive(app: WirestateASGI) -> Any:
 
 
 def watch_unregister(app: WirestateASGI) -> list[tuple[str, CloseCause | None, bool, bool]]:
-    """Record, at each unregistration: client id, cause, reader done, writer done."""
+    """Record, at each unregistration: client id, cause, reader done (the core's state: the
+    reader runs in the session's own task, which is the one unregistering), writer done."""
     hub = app.server.hub
     assert hub is not None
     seen: list[tuple[str, CloseCause | None, bool, bool]] = []
     real = hub.unregister
 
     def checked(conn: Any, now: float) -> None:
-        c: Any = app.server._clients[conn.client_id]
-        seen.append((conn.client_id, conn.cause, c.reader.done(), c.writer.done()))
+        c: Any = app.server.sessions[conn.client_id]
+        reader_done = not PUMPS[conn.state][0]
+        seen.append((conn.client_id, conn.cause, reader_done, c.writer.done()))
         real(conn, now)
 
     hub.unregister = checked  # type: ignore[method-assign]
@@ -345,18 +347,17 @@ async def test_the_reader_ending_does_not_unregister_while_the_writer_runs() -> 
         seen = watch_unregister(hub)
         ws = await connect(f"ws://127.0.0.1:{port}/ws?gated", ping_interval=None)
         await asyncio.wait_for(held.wait(), WAIT)  # the welcome is held: writer in send()
-        (cid,) = hub.server._clients
-        client: Any = hub.server._clients[cid]
+        (cid,) = hub.server.sessions
+        client: Any = hub.server.sessions[cid]
         await ws.close()  # the peer leaves: the reader sees websocket.disconnect and ends
         await until(lambda: client.conn.state is ConnState.CLOSING_READER_DONE)
-        await until(lambda: client.reader.done())
         await asyncio.sleep(0.05)  # room for the handler to unregister, were it to do so now
-        assert cid in hub.server._clients
+        assert cid in hub.server.sessions
         assert cid in hub.server.hub.clients  # type: ignore[union-attr]
         assert not client.writer.done()
         assert seen == []
         gate.set()  # the held send fails (the peer is gone): the writer ends
-        await until(lambda: cid not in hub.server._clients)
+        await until(lambda: cid not in hub.server.sessions)
         assert seen == [(cid, CloseCause.PEER_CLOSE, True, True)]
         assert client.conn.state is ConnState.UNREGISTERED
 
@@ -368,9 +369,9 @@ async def test_a_peer_that_stops_reading_is_cut_off_after_the_close_timeout() ->
         seen = watch_unregister(hub)
         ws = await connect(f"ws://127.0.0.1:{port}/ws?gated", ping_interval=None)
         await asyncio.wait_for(held.wait(), WAIT)
-        (cid,) = hub.server._clients
+        (cid,) = hub.server.sessions
         # Never released: the writer's send times out, and it ends the reader with it.
-        await until(lambda: cid not in hub.server._clients)
+        await until(lambda: cid not in hub.server.sessions)
         assert seen == [(cid, CloseCause.SLOW_CONSUMER, True, True)]
         assert hub.server.hub is not None
         assert hub.server.hub.stats.aborts == 0  # the writer ended the reader, no Abort needed
@@ -386,8 +387,8 @@ async def test_a_writer_blocked_past_ping_timeout_is_a_keepalive_timeout() -> No
         seen = watch_unregister(hub)
         ws = await connect(f"ws://127.0.0.1:{port}/ws?gated", ping_interval=None)
         await asyncio.wait_for(held.wait(), WAIT)
-        (cid,) = hub.server._clients
-        await until(lambda: cid not in hub.server._clients)
+        (cid,) = hub.server.sessions
+        await until(lambda: cid not in hub.server.sessions)
         assert seen == [(cid, CloseCause.KEEPALIVE_TIMEOUT, True, True)]
         await ws.close()
 
@@ -400,7 +401,7 @@ async def test_a_stuck_reader_is_cancelled_by_the_cores_abort() -> None:
         for _ in range(5):  # the server closes (policy); the disconnect never reaches it
             await ws.send("{not json")
         assert await closed_with(ws) == (1008, "policy")
-        await until(lambda: cid not in hub.server._clients)
+        await until(lambda: cid not in hub.server.sessions)
         assert seen == [(cid, CloseCause.POLICY, True, True)]
         assert hub.server.hub is not None
         assert hub.server.hub.stats.aborts == 1
@@ -477,7 +478,7 @@ async def test_served_alone_the_asgi_lifespan_starts_and_stops_the_hub() -> None
         ws, _ = await client(f"ws://127.0.0.1:{port}/ws", "t")
     # uvicorn closes its WebSockets itself (1012) before the lifespan shutdown reaches us.
     assert await closed_with(ws) == (1012, "")
-    assert hub.server._closed.is_set()  # stop() ran: the lifespan shutdown
+    assert hub.server.admission.closing  # stop() ran: the lifespan shutdown
     assert hub.server.hub.clients == {}
     assert hub.server.hub.stats.disconnects["shutdown"] == 1
 
@@ -598,7 +599,7 @@ async def test_connection_limits_refuse_the_upgrade(
         assert refused.value.response.status_code == status
         assert hub.server.metrics.rejections[reason] == 1
         await first.close()
-        await until(lambda: len(hub.server._clients) == 1)  # a slot freed is a slot again
+        await until(lambda: len(hub.server.sessions) == 1)  # a slot freed is a slot again
         third, _ = await client(url)
         await third.close()
         await second.close()

@@ -23,16 +23,15 @@ from websockets.asyncio.client import connect
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 
-from wirestate.adapters.server.transports.http import (
+from wirestate.adapters.server.routes import (
     HttpApp,
     HttpRequest,
     HttpResponse,
-    HttpServerConnection,
     Router,
     error_response,
-    http_connection_factory,
     json_response,
 )
+from wirestate.adapters.server.transports.http import HttpServerConnection, http_connection_factory
 
 WAIT = 3.0  # bound on every read; generous for a loaded CI box, never reached when passing
 SECRET = "hunter2-do-not-echo"

@@ -1,0 +1,112 @@
+"""The HTTP endpoints beside ``/ws``: health, readiness, metrics, ``POST /publish`` and the
+dashboard, as one `Router` that every transport serves (the h11 connection of the
+websockets listener, or an ASGI server).
+
+Rules: handlers answer with fixed texts (never request data or exception text); ``POST
+/publish`` authenticates like an upgrade and applies the same claims and reserved topics
+as a ``publish`` message.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+import orjson
+from pydantic import TypeAdapter, ValidationError
+
+from wirestate.adapters.server.auth import OPEN, AuthError, token_from_request
+from wirestate.adapters.server.bus import BusUnavailable
+from wirestate.adapters.server.dashboard import Dashboard
+from wirestate.adapters.server.metrics import CONTENT_TYPE
+from wirestate.adapters.server.routes import (
+    HttpApp,
+    HttpRequest,
+    HttpResponse,
+    Router,
+    error_response,
+    json_response,
+)
+from wirestate.models import wire
+
+if TYPE_CHECKING:
+    from wirestate.adapters.server.service import WirestateServer
+
+__all__ = ["Endpoints"]
+
+_TOPIC: TypeAdapter[str] = TypeAdapter(wire.Topic)
+
+
+class Endpoints:
+    """The HTTP side of one `WirestateServer`; ``app`` is what transports serve."""
+
+    def __init__(self, service: WirestateServer) -> None:
+        self.service = service
+        router = (
+            Router()
+            .get("/healthz", self.healthz)
+            .get("/readyz", self.readyz)
+            .get("/metrics", self.metrics)
+            .post("/publish", self.publish)
+        )
+        # GET /, /static/<asset> and /api/snapshot: the live dashboard
+        self.app: HttpApp = Dashboard(service.dashboard_snapshot, service.auth).mount(router)
+
+    async def healthz(self, request: HttpRequest) -> HttpResponse:
+        return json_response({"status": "ok"})
+
+    async def readyz(self, request: HttpRequest) -> HttpResponse:
+        service = self.service
+        if service.admission.closing or service.hub is None:
+            return json_response({"status": "shutting_down"}, 503)
+        bus = service.bus.status()
+        if not service.bus.ready:
+            # Clients stay served locally, but a load balancer should send new ones elsewhere.
+            return json_response({"status": "bus_down", "bus": bus}, 503)
+        body: dict[str, Any] = {"status": "ready", "clients": len(service.hub.clients), "bus": bus}
+        return json_response(body)
+
+    async def metrics(self, request: HttpRequest) -> HttpResponse:
+        return HttpResponse(200, [("content-type", CONTENT_TYPE)], self.service.metrics.render())
+
+    async def publish(self, request: HttpRequest) -> HttpResponse:
+        service = self.service
+        grants = OPEN
+        if service.auth.required:
+            token = token_from_request(request.headers, request.target)
+            try:
+                grants = service.auth.authenticate(token, now=time.time())
+            except AuthError as exc:
+                return error_response(
+                    401, "unauthorized", f"a valid token is required ({exc.reason})"
+                )
+        try:
+            body = orjson.loads(request.body)
+        except orjson.JSONDecodeError:
+            return error_response(400, "bad_json", "the body is not valid JSON")
+        if not isinstance(body, dict) or set(body) != {"topic", "data"}:
+            return error_response(
+                400, "invalid_message", 'send {"topic": "<name>", "data": <any JSON>}'
+            )
+        try:
+            topic = _TOPIC.validate_python(body["topic"])
+        except ValidationError:
+            return error_response(
+                400, "invalid_message", "topic: 1-128 characters of A-Z a-z 0-9 _ . : / -"
+            )
+        hub = service.hub
+        if hub is None:
+            return error_response(503, "unavailable", "the hub has not started")
+        if topic in hub.config.reserved_topics:
+            return error_response(403, "forbidden", "only the server publishes on this topic")
+        if not grants.may_publish(topic):
+            return error_response(
+                403, "forbidden", "publishing there is outside your token's claims"
+            )
+        try:
+            seq = await service.publish(topic, body["data"])
+        except BusUnavailable:
+            return error_response(
+                503, "unavailable", "the node is stopping; publish on another node"
+            )
+        return json_response({"seq": seq})

@@ -1,0 +1,283 @@
+"""The websockets transport: the listener of ``wirestate serve`` and each connection's
+`Transport` for its session.
+
+Rules of this module:
+
+* It moves bytes and nothing else: the upgrade decision is the service's admission, the
+  connection's life is its session, and what to write when is the core's.
+* Writes are synchronous where websockets' own ``broadcast()`` is: a server's frames are
+  unmasked, so with no extension negotiated the frame of one event is the same bytes for
+  every recipient. `FrameCache` encodes it once (RFC 6455 section 5.2) and every recipient's
+  write reuses it; a batch of frames leaves in one transport write. Anything unusual (an
+  extension, data websockets queued itself, a fragmented message in progress) goes through
+  websockets' own encoder.
+* websockets' keepalive is off (the core owns keep-alive), and so is compression (a fan-out
+  would compress once per subscriber).
+* Closes the protocol layer decides carry the close cause as their reason: a frame over
+  ``max_size`` fails with ``message_too_big``, not websockets' sentence (found by
+  ``wirestate fuzz``).
+* The upgrade's grants ride on the connection object itself (``WirestateConnection.admitted``)
+  from ``process_request`` to the handler: nothing to forget when a handshake fails between
+  the two.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+from collections.abc import Awaitable
+from typing import TYPE_CHECKING, Any, Final
+
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.exceptions import ConnectionClosed
+from websockets.frames import CloseCode
+from websockets.http11 import Request, Response
+from websockets.protocol import State
+from websockets.server import ServerProtocol
+
+from wirestate.adapters.server.admission import Refusal
+from wirestate.adapters.server.auth import Grants, token_from_request
+from wirestate.adapters.server.session import Ended, Session
+from wirestate.adapters.server.transports.http import http_connection_factory
+from wirestate.core.causes import CloseCause
+
+if TYPE_CHECKING:
+    from wirestate.adapters.server.service import WirestateServer
+
+__all__ = ["FrameCache", "Listener", "WebsocketsTransport", "read_end"]
+
+log = logging.getLogger("wirestate.server")
+
+#: Encoded frames kept for reuse: the events of one burst (an event's recipients all drain
+#: it within one flush or one writer wake-up).
+FRAME_CACHE: Final = 64
+WS_PATH: Final = "/ws"
+_OPEN: Final = State.OPEN
+
+
+class FrameCache:
+    """Text frames by payload identity: every recipient of an event drains the same bytes
+    object, so its frame is built once. The payload is kept beside its frame, so that an id
+    is never reused while cached."""
+
+    __slots__ = ("frames",)
+
+    def __init__(self) -> None:
+        self.frames: dict[int, tuple[bytes, bytes]] = {}
+
+    def frame(self, payload: bytes) -> bytes:
+        """The text frame (unmasked, FIN) carrying ``payload``."""
+        cache = self.frames
+        hit = cache.get(id(payload))
+        if hit is not None and hit[0] is payload:
+            return hit[1]
+        n = len(payload)
+        if n < 126:
+            head = bytes((0x81, n))
+        elif n < 65536:
+            head = bytes((0x81, 126)) + n.to_bytes(2, "big")
+        else:
+            head = bytes((0x81, 127)) + n.to_bytes(8, "big")
+        wire = head + payload
+        if len(cache) >= FRAME_CACHE:
+            cache.clear()
+        cache[id(payload)] = (payload, wire)
+        return wire
+
+
+def read_end(exc: ConnectionClosed) -> Ended:
+    """Why the reader ended: our 1009 for an oversized frame, else the peer's close frame
+    (whatever its code), else a read error (no close frame: 1006)."""
+    if exc.sent is not None and exc.sent.code == 1009:
+        return Ended(CloseCause.MESSAGE_TOO_BIG, 1009)
+    if exc.rcvd is not None:
+        return Ended(CloseCause.PEER_CLOSE, exc.rcvd.code)
+    return Ended(CloseCause.READ_ERROR, None)
+
+
+class WebsocketsTransport:
+    """A websockets connection as a session's `Transport`."""
+
+    __slots__ = ("cache", "ws")
+
+    keeps_alive = False
+    limits_size = True  # websockets' max_size
+
+    def __init__(self, ws: ServerConnection, cache: FrameCache) -> None:
+        self.ws = ws
+        self.cache = cache
+
+    def peer(self) -> tuple[str, int] | None:
+        try:
+            host, port = self.ws.remote_address[:2]
+        except (TypeError, ValueError):
+            return None
+        return str(host), int(port)
+
+    async def receive(self) -> str | bytes:
+        try:
+            return await self.ws.recv()
+        except ConnectionClosed as exc:
+            raise read_end(exc) from None
+
+    def ready(self) -> bool:
+        ws = self.ws
+        return not ws.paused and ws.protocol.state is _OPEN and not ws.transport.is_closing()
+
+    def write(self, frames: list[bytes]) -> None:
+        ws = self.ws
+        protocol = ws.protocol
+        if protocol.writes or protocol.extensions or protocol.expect_continuation_frame:
+            for frame in frames:
+                protocol.send_text(frame)
+            data = protocol.data_to_send()
+            ws.transport.write(data[0] if len(data) == 1 else b"".join(data))
+        elif len(frames) == 1:
+            ws.transport.write(self.cache.frame(frames[0]))
+        else:
+            encode = self.cache.frame
+            ws.transport.write(b"".join([encode(f) for f in frames]))
+
+    async def send(self, frames: list[bytes]) -> None:
+        ws = self.ws
+        if ws.protocol.state is not _OPEN or ws.transport.is_closing():
+            raise Ended()
+        self.write(frames)
+        if ws.paused:
+            # Over the high-water mark: wait for the peer to read (the session bounds it).
+            try:
+                await ws.drain()
+            except ConnectionClosed:
+                raise Ended() from None
+
+    async def ping(self) -> Awaitable[object]:
+        try:
+            return await self.ws.ping()
+        except ConnectionClosed:
+            raise Ended() from None
+
+    async def close(self, code: int, reason: str) -> None:
+        # Bounded by websockets' own close_timeout (the server's close timeout).
+        await self.ws.close(code, reason)
+
+    def abort(self) -> bool:
+        self.ws.transport.abort()
+        return True
+
+
+class _CauseProtocol(ServerProtocol):
+    """websockets' protocol, but a frame over ``max_size`` is failed with the close cause
+    ``message_too_big`` as the reason instead of websockets' own sentence. websockets fails
+    such a frame itself, inside its parser, before any wirestate code runs. Same layout as
+    its base: swapped in per connection by class, at no memory cost."""
+
+    def fail(self, code: CloseCode | int, reason: str = "") -> None:
+        if code == CloseCode.MESSAGE_TOO_BIG:
+            reason = CloseCause.MESSAGE_TOO_BIG.value
+        super().fail(code, reason)
+
+
+#: ``WirestateConnection.admitted`` before ``process_request`` decided.
+_UNDECIDED: Final = object()
+
+
+class Listener:
+    """The websockets server of one `WirestateServer`: ``/ws`` and, through the HTTP
+    connection class, the HTTP endpoints on the same port."""
+
+    def __init__(self, service: WirestateServer) -> None:
+        self.service = service
+        self.cache = FrameCache()
+        self.server: Server | None = None
+
+    async def start(self) -> None:
+        service = self.service
+        settings = service.settings
+        s = settings.server
+        tls: ssl.SSLContext | None = None
+        if s.certfile is not None and s.keyfile is not None:
+            tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            tls.load_cert_chain(s.certfile, s.keyfile)
+        base = http_connection_factory(
+            service.http_app,
+            max_body=settings.limits.max_message_size,
+            websocket_paths=(WS_PATH,),
+        )
+
+        class WirestateConnection(base):  # type: ignore[misc, valid-type]
+            #: The upgrade's grants, set by ``process_request`` for the handler.
+            admitted: Any = _UNDECIDED
+
+            def __init__(self, protocol: ServerProtocol, *args: Any, **kwargs: Any) -> None:
+                protocol.__class__ = _CauseProtocol
+                super().__init__(protocol, *args, **kwargs)
+
+        self.server = await serve(
+            self._handle,
+            s.host,
+            s.port,
+            compression=None,
+            ping_interval=None,  # the core owns keep-alive
+            ping_timeout=None,
+            close_timeout=s.close_timeout,
+            max_size=settings.limits.max_message_size,
+            max_queue=64,
+            process_request=self._process_request,
+            create_connection=WirestateConnection,
+            server_header="wirestate",
+            ssl=tls,
+        )
+
+    @property
+    def port(self) -> int:
+        assert self.server is not None, "not started"
+        sock = next(iter(self.server.sockets))
+        return int(sock.getsockname()[1])
+
+    def _process_request(self, ws: ServerConnection, request: Request) -> Response | None:
+        if request.path.split("?", 1)[0] != WS_PATH:
+            return ws.respond(404, "no WebSocket endpoint here; connect to /ws\n")
+        decision = self.service.admission.decide(
+            _ip(ws),
+            request.headers.get("Origin"),
+            lambda: token_from_request(request.headers.raw_items(), request.path),
+        )
+        if isinstance(decision, Refusal):
+            return ws.respond(decision.status, decision.text)
+        ws.admitted = decision  # type: ignore[attr-defined]
+        return None
+
+    async def _handle(self, ws: ServerConnection) -> None:
+        admitted: Grants | object | None = getattr(ws, "admitted", _UNDECIDED)
+        if admitted is _UNDECIDED:  # pragma: no cover - process_request runs first
+            raise AssertionError("a connection reached the handler without an upgrade decision")
+        grants = admitted if isinstance(admitted, Grants) else None
+        transport = WebsocketsTransport(ws, self.cache)
+        await Session(self.service, transport, ws.id.hex[:16], _ip(ws), grants).run()
+
+    async def stop(self, grace: float) -> None:
+        """Stop listening, and end whatever connection is left (handshakes in flight, HTTP
+        keep-alive, a stuck handler) after ``grace`` seconds at most."""
+        server = self.server
+        if server is None:
+            return
+        server.close(close_connections=False)
+        try:
+            async with asyncio.timeout(grace):
+                await server.wait_closed()
+        except TimeoutError:
+            left = list(server.all_connections)
+            log.warning("aborting connections left at shutdown", extra={"count": len(left)})
+            for connection in left:
+                connection.transport.abort()
+            for task in server.handler_tasks:
+                task.cancel()
+            await asyncio.wait([asyncio.ensure_future(server.wait_closed())], timeout=grace)
+
+
+def _ip(ws: ServerConnection) -> str:
+    try:
+        return str(ws.remote_address[0])
+    except (TypeError, IndexError):
+        return "?"
