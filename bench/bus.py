@@ -75,7 +75,7 @@ async def _load(ports: list[int], subscribers: int, events: int, rate: float) ->
     """The client side: subscribers spread over ``ports``, a publisher on the first."""
     import orjson
 
-    from wirestate.adapters import leanws
+    from wirestate.adapters.tools import leanws
 
     await asyncio.gather(*(_wait_ready(p) for p in ports))
     topic = f"bench.{time.time_ns()}"

@@ -98,7 +98,7 @@ class _Target:
 
 class _Wirestate(_Target):
     async def start(self, port: int) -> None:
-        from wirestate.adapters.server.service import WirestateServer
+        from wirestate.adapters.server import WirestateServer
         from wirestate.models.settings import Settings
 
         settings = Settings.model_validate(
@@ -116,7 +116,7 @@ class _Wirestate(_Target):
         return len(topic.subscribers) if topic is not None else 0
 
     def connections(self) -> int:
-        return len(self.server._clients)
+        return len(self.server.sessions)
 
     async def publish(self, data: dict[str, Any]) -> None:
         self.server.publish_now(TOPIC, data)
@@ -125,7 +125,8 @@ class _Wirestate(_Target):
         hub = self.server.hub
         assert hub is not None
         return not any(c.outbox for c in hub.clients.values()) and not any(
-            c.ws.transport.get_write_buffer_size() for c in self.server._clients.values()
+            s.transport.ws.transport.get_write_buffer_size()  # type: ignore[attr-defined]
+            for s in self.server.sessions.values()
         )
 
     async def stop(self) -> None:
@@ -281,7 +282,7 @@ async def _serve(mode: str, port: int, n: int, events: int, scale: bool, burst: 
 async def _load(mode: str, port: int, n: int, events: int, paced: int, scale: bool) -> None:
     import orjson
 
-    from wirestate.adapters import leanws
+    from wirestate.adapters.tools import leanws
 
     _raise_nofile()
     lat: dict[str, list[float]] = {"flat": [], "paced": []}

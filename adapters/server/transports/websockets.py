@@ -16,9 +16,8 @@ Rules of this module:
 * Closes the protocol layer decides carry the close cause as their reason: a frame over
   ``max_size`` fails with ``message_too_big``, not websockets' sentence (found by
   ``wirestate fuzz``).
-* The upgrade's grants ride on the connection object itself (``WirestateConnection.admitted``)
-  from ``process_request`` to the handler: nothing to forget when a handshake fails between
-  the two.
+* The upgrade's grants go from ``process_request`` to the handler in a weak-keyed map:
+  nothing is left behind when a handshake fails between the two.
 """
 
 from __future__ import annotations
@@ -26,7 +25,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
-from collections.abc import Awaitable
+import weakref
+from collections.abc import Awaitable, Coroutine
 from typing import TYPE_CHECKING, Any, Final
 
 from websockets.asyncio.server import Server, ServerConnection, serve
@@ -178,7 +178,7 @@ class _CauseProtocol(ServerProtocol):
         super().fail(code, reason)
 
 
-#: ``WirestateConnection.admitted`` before ``process_request`` decided.
+#: What `_admitted` answers for a connection that `process_request` never decided.
 _UNDECIDED: Final = object()
 
 
@@ -190,6 +190,11 @@ class Listener:
         self.service = service
         self.cache = FrameCache()
         self.server: Server | None = None
+        #: An upgrade's decision, from ``process_request`` to the handler. Weak keys: a
+        #: handshake that fails after the decision leaves nothing behind.
+        self._admitted: weakref.WeakKeyDictionary[ServerConnection, Grants | None] = (
+            weakref.WeakKeyDictionary()
+        )
 
     async def start(self) -> None:
         service = self.service
@@ -206,9 +211,6 @@ class Listener:
         )
 
         class WirestateConnection(base):  # type: ignore[misc, valid-type]
-            #: The upgrade's grants, set by ``process_request`` for the handler.
-            admitted: Any = _UNDECIDED
-
             def __init__(self, protocol: ServerProtocol, *args: Any, **kwargs: Any) -> None:
                 protocol.__class__ = _CauseProtocol
                 super().__init__(protocol, *args, **kwargs)
@@ -245,16 +247,18 @@ class Listener:
         )
         if isinstance(decision, Refusal):
             return ws.respond(decision.status, decision.text)
-        ws.admitted = decision  # type: ignore[attr-defined]
+        self._admitted[ws] = decision
         return None
 
-    async def _handle(self, ws: ServerConnection) -> None:
-        admitted: Grants | object | None = getattr(ws, "admitted", _UNDECIDED)
+    def _handle(self, ws: ServerConnection) -> Coroutine[Any, Any, None]:
+        """websockets' handler: the session's own coroutine (a plain function returning it,
+        so that no wrapping coroutine stays suspended per connection)."""
+        admitted = self._admitted.pop(ws, _UNDECIDED)
         if admitted is _UNDECIDED:  # pragma: no cover - process_request runs first
             raise AssertionError("a connection reached the handler without an upgrade decision")
         grants = admitted if isinstance(admitted, Grants) else None
         transport = WebsocketsTransport(ws, self.cache)
-        await Session(self.service, transport, ws.id.hex[:16], _ip(ws), grants).run()
+        return Session(self.service, transport, ws.id.hex[:16], _ip(ws), grants).run()
 
     async def stop(self, grace: float) -> None:
         """Stop listening, and end whatever connection is left (handshakes in flight, HTTP
