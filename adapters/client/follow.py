@@ -25,7 +25,7 @@ from wirestate.adapters.client.subscriber import (
     SubscriptionError,
     connect,
 )
-from wirestate.adapters.server.auth import safe_url
+from wirestate.adapters.client.urls import safe_url
 
 
 async def follow(

@@ -1,4 +1,5 @@
-"""The interactive test client behind ``wirestate client`` (DESIGN.md, "Command line").
+"""The interactive test client behind ``wirestate client`` (docs/operations.md,
+"Command line").
 
 `run_client` connects to a hub's ``/ws``, waits for ``welcome``, subscribes, prints every
 server message, measures the round trip of the application ping, and at exit prints a summary:
@@ -48,7 +49,7 @@ from websockets.exceptions import (
 )
 from websockets.uri import parse_uri
 
-from wirestate.adapters.server.auth import safe_url
+from wirestate.adapters.client.urls import safe_url
 from wirestate.core.causes import CloseCause, CloseCode, ErrorCode
 from wirestate.models.wire import (
     ErrorMessage,
@@ -89,7 +90,7 @@ _MAX_PENDING_PINGS = 64
 
 _CAUSES = frozenset(cause.value for cause in CloseCause)
 
-#: Codes that name one cause on their own (DESIGN.md's close-code table), for a close frame
+#: Codes that name one cause on their own (docs/protocol.md's close codes), for a close frame
 #: whose reason is not a cause name (a server other than wirestate, or an empty reason).
 _CAUSE_OF_CODE: dict[int, CloseCause] = {
     CloseCode.NORMAL: CloseCause.PEER_CLOSE,
@@ -121,9 +122,6 @@ def parse_close(code: int | None, reason: str | None) -> tuple[int, str]:
     return code, _CAUSE_OF_CODE.get(code, CloseCause.PEER_CLOSE).value
 
 
-_safe_url = safe_url  # one implementation, in wirestate.adapters.server.auth
-
-
 def _check_arguments(
     url: str,
     topics: Sequence[str],
@@ -136,7 +134,7 @@ def _check_arguments(
     try:
         parse_uri(url)
     except InvalidURI:
-        return f"{_safe_url(url)!r} is not a WebSocket URL: use ws://HOST:PORT/ws or wss://…"
+        return f"{safe_url(url)!r} is not a WebSocket URL: use ws://HOST:PORT/ws or wss://…"
     if not topics:
         return "no topic given: pass at least one --topic"
     for topic in topics:
@@ -160,7 +158,7 @@ def _check_arguments(
 
 def _connect_failure(url: str, exc: BaseException, open_timeout: float) -> str:
     """One line saying what failed and what to do. Never includes a token."""
-    where = f"could not connect to {_safe_url(url)}"
+    where = f"could not connect to {safe_url(url)}"
     if isinstance(exc, InvalidStatus):
         status = exc.response.status_code
         hints = {
@@ -292,7 +290,7 @@ class _Session:
                 self._line(f"!! ERROR from server: {msg.code.value}: {msg.message}")
             case Welcome():
                 self._line(
-                    f"connected to {_safe_url(self.url)} as client {msg.client_id} "
+                    f"connected to {safe_url(self.url)} as client {msg.client_id} "
                     f"(protocol {msg.protocol}; server pings every {msg.ping_interval:g} s, "
                     f"timeout {msg.ping_timeout:g} s)"
                 )
@@ -419,13 +417,13 @@ class _Session:
             welcome = await self._welcome()
             if welcome is None:
                 self.err.write(
-                    f"wirestate client: connected to {_safe_url(self.url)} but no welcome "
+                    f"wirestate client: connected to {safe_url(self.url)} but no welcome "
                     f"within {self.open_timeout:g} s — is this a wirestate server (protocol 1)?\n"
                 )
                 return "no_welcome"
             if isinstance(welcome, WireError):
                 self.err.write(
-                    f"wirestate client: {_safe_url(self.url)} did not start with a protocol 1 "
+                    f"wirestate client: {safe_url(self.url)} did not start with a protocol 1 "
                     f"welcome ({welcome.message}) — is this a wirestate server?\n"
                 )
                 return "protocol_error"
@@ -480,7 +478,7 @@ class _Session:
         )
         closed = self.closed
         return {
-            "url": _safe_url(self.url),
+            "url": safe_url(self.url),
             "client_id": self.client_id,
             "ended": end if end is not None else "crashed",
             "duration": round(ended_at - self.opened, 3),

@@ -70,7 +70,7 @@ from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 from websockets.uri import parse_uri
 
-from wirestate.adapters.server.auth import safe_url
+from wirestate.adapters.client.urls import safe_url
 from wirestate.core.causes import CloseCode, ErrorCode, GapReason
 from wirestate.models import wire
 
@@ -182,9 +182,6 @@ class SubscriptionRefused(SubscriptionError):
 
 class _ProtocolError(Exception):
     """The server sent something protocol v1 does not allow; the connection is dropped."""
-
-
-_safe_url = safe_url  # one implementation, in wirestate.adapters.server.auth
 
 
 def _cause(exc: BaseException) -> str:
@@ -314,12 +311,12 @@ class Subscription:
                     log.warning(
                         "subscriber_gave_up",
                         extra={
-                            "url": _safe_url(self.url),
+                            "url": safe_url(self.url),
                             "attempts": self._failures,
                             "cause": cause,
                         },
                     )
-                    raise ConnectionLost(_safe_url(self.url), self._failures, cause) from exc
+                    raise ConnectionLost(safe_url(self.url), self._failures, cause) from exc
                 delay = self._backoff.delay(self._failures, self._rng)
                 log.info(
                     "subscriber_retry",

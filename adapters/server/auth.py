@@ -1,5 +1,5 @@
 """Authentication and authorization for the upgrade and POST /publish: pure logic, no I/O
-beyond reading the public key file once at construction (DESIGN.md, "JWT claims").
+beyond reading the public key file once at construction (docs/security.md).
 
 Rules:
 
@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any, Final, Literal, TypeAlias, TypeGuard
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlsplit
 
 import jwt
 from cryptography.exceptions import UnsupportedAlgorithm
@@ -352,15 +352,3 @@ def redact(text: str, secrets: Iterable[str]) -> str:
     for secret in sorted({s for s in secrets if s}, key=len, reverse=True):
         text = text.replace(secret, _REDACTED)
     return _JWT_SHAPE.sub(_REDACTED, text)
-
-
-def safe_url(url: str) -> str:
-    """``url`` with a ``?token=`` value replaced by ``***``: for logs, errors and output."""
-    parts = urlsplit(url)
-    if not parts.query:
-        return url
-    query = [
-        (key, "***" if key.lower() == "token" else value)
-        for key, value in parse_qsl(parts.query, keep_blank_values=True)
-    ]
-    return urlunsplit(parts._replace(query=urlencode(query, safe="*")))

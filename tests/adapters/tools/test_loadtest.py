@@ -21,12 +21,8 @@ import pytest
 
 from wirestate.adapters.server.service import WirestateServer
 from wirestate.adapters.tools import cli, leanws, loadtest
-from wirestate.adapters.tools.loadtest import (
-    LoadTestOptions,
-    _Client,
-    _Shared,
-    execute,
-)
+from wirestate.adapters.tools.loadtest import LoadTestOptions, execute
+from wirestate.adapters.tools.loadtest.client import Client, Shared
 from wirestate.models.settings import Settings
 
 WAIT = 20.0  # the bound on every wait: a failure, never a hang
@@ -216,9 +212,9 @@ async def test_bad_options_and_the_fd_limit_exit_2() -> None:
 
 
 def test_sequence_checks_per_client() -> None:
-    shared = _Shared("run1", "t")
+    shared = Shared("run1", "t")
     shared.t0 = time.time()
-    client = _Client(shared, "client")
+    client = Client(shared, "client")
 
     def event(seq: int, run: str = "run1") -> bytes:
         data = {"run": run, "id": seq, "t": time.time()}
