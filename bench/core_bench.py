@@ -1,4 +1,4 @@
-"""Benchmarks of the pure core (issue 2's speed targets), with baselines from the same run.
+"""Benchmarks of the pure core (their speed targets), with baselines from the same run.
 
     python bench/core_bench.py [--runs 5] [--json bench/results/core.json]
 

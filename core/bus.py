@@ -1,4 +1,4 @@
-"""A node's view of the bus that several hubs share (DESIGN.md "buses"). Pure.
+"""A node's view of the bus that several hubs share (docs/scaling.md). Pure.
 
 The bus sequences every topic it carries: a topic's ``seq`` and ``epoch`` are the bus's, the
 same on every node, so a client resumes on any node. The adapter (``adapters/server/bus.py``)

@@ -1,8 +1,8 @@
 """The one vocabulary for why a connection closed, and the close codes that go with it.
 
 Every path into closing carries a `CloseCause`; logs, metrics, the `clients` topic and the
-client CLI all use these names (DESIGN.md, "Close causes"). Codes are RFC 6455 section 7.4.1
-close codes; 1013 ("try again later") is what the hub sends a slow consumer.
+client CLI all use these names (docs/protocol.md, "Close codes and causes"). Codes are RFC 6455
+section 7.4.1 close codes; 1013 ("try again later") is what the hub sends a slow consumer.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ CLOSE_CODE: dict[CloseCause, CloseCode] = {
 
 
 class GapReason(StrEnum):
-    """Why a client will not get events it should have had (DESIGN.md, `gap`)."""
+    """Why a client will not get events it should have had (docs/protocol.md, `gap`)."""
 
     HISTORY_EVICTED = "history_evicted"
     SLOW_CONSUMER = "slow_consumer"
@@ -57,7 +57,7 @@ class GapReason(StrEnum):
 
 
 class ErrorCode(StrEnum):
-    """Codes of the `error` message (DESIGN.md, protocol v1)."""
+    """Codes of the `error` message (docs/protocol.md)."""
 
     BAD_JSON = "bad_json"
     UNKNOWN_TYPE = "unknown_type"
@@ -68,7 +68,7 @@ class ErrorCode(StrEnum):
 
 
 class OverflowPolicy(StrEnum):
-    """What happens when a client's bounded outbox is full (DESIGN.md, "Slow consumers")."""
+    """What happens when a client's bounded outbox is full (docs/protocol.md, "Slow consumers")."""
 
     DISCONNECT = "disconnect"
     DROP_OLDEST = "drop_oldest"

@@ -55,7 +55,7 @@ BUILTIN_TOPICS: Final = frozenset({"clients", "circuit_breaker", "system_status"
 
 @dataclass(frozen=True)
 class HubConfig:
-    """The hub's policy knobs. Defaults are DESIGN.md's."""
+    """The hub's policy knobs. Defaults are the service's (docs/operations.md)."""
 
     ping_interval: float = 30.0
     ping_timeout: float = 10.0
@@ -97,7 +97,7 @@ class HubConfig:
 
 @dataclass
 class HubStats:
-    """Counters the adapter exports as metrics (DESIGN.md metric names in comments)."""
+    """Counters the adapter exports as metrics (metric names in comments)."""
 
     disconnects: Counter[str] = field(default_factory=Counter)  # wirestate_disconnects_total
     dropped: Counter[str] = field(default_factory=Counter)  # wirestate_messages_dropped_total

@@ -1,10 +1,10 @@
-"""Settings: every default of DESIGN.md, and where each value may come from.
+"""Settings: every default (docs/operations.md), and where each value may come from.
 
-Precedence, highest first (DESIGN.md, "Defaults"): explicit overrides (what the CLI builds
-from its flags) > ``WIRESTATE_*`` environment > the TOML config file > the defaults below.
-`load_settings` is the one place that reads the environment and a file; ``Settings(...)``
-built in code sees only its keyword arguments and the defaults, so an application that
-embeds the hub is never reconfigured by its process environment behind its back.
+Precedence, highest first (docs/operations.md, "Configuration"): explicit overrides (what the CLI
+builds from its flags) > ``WIRESTATE_*`` environment > the TOML config file > the defaults below.
+`load_settings` is the one place that reads the environment and a file; ``Settings(...)`` built in
+code sees only its keyword arguments and the defaults, so an application that embeds the hub is
+never reconfigured by its process environment behind its back.
 
 Layers merge key by key: ``WIRESTATE_SERVER__PORT`` replaces ``server.port`` from the file
 and leaves ``server.host`` alone. Lists are replaced whole (``WIRESTATE_SOURCES`` replaces
@@ -18,7 +18,7 @@ Environment forms (names are case-insensitive; an empty value counts as unset):
   ``WIRESTATE_AUTH__ALLOWED_ORIGINS='["https://app.example.com"]'``,
   ``WIRESTATE_TOPICS='{"orders": {"overflow": "keep_latest"}}'`` (topic names in a nested
   variable name are lower-cased like every name, so use the JSON form for others);
-- flat, the ``[server]`` keys only, as DESIGN.md names them: ``WIRESTATE_HOST``,
+- flat, the ``[server]`` keys only, as the configuration reference names them: ``WIRESTATE_HOST``,
   ``WIRESTATE_PORT``, ``WIRESTATE_PING_INTERVAL``, ``WIRESTATE_PING_TIMEOUT``,
   ``WIRESTATE_SEND_QUEUE_SIZE``, ``WIRESTATE_CLOSE_TIMEOUT``, ``WIRESTATE_CERTFILE``,
   ``WIRESTATE_KEYFILE``, ``WIRESTATE_LOOP_STALL_THRESHOLD``. When both a flat and a nested
@@ -129,7 +129,7 @@ class ServerSettings(_Section):
 
 
 class BreakerSettings(_Section):
-    """A circuit breaker (DESIGN.md, "Circuit breaker"); defaults are a source's: 5 / 300 s."""
+    """A circuit breaker (docs/breaker.md); defaults are a source's: 5 / 300 s."""
 
     #: Consecutive failures that open the breaker.
     failure_threshold: Count = 5

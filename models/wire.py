@@ -1,11 +1,12 @@
-"""Protocol v1 wire messages (DESIGN.md, "Wire protocol v1"): JSON text frames on `/ws`.
+"""Protocol v1 wire messages (docs/protocol.md): JSON text frames on `/ws`.
 
 Rules of this module:
 
 - Every message is a frozen pydantic model with ``extra="forbid"``; ``type`` is its first
   field and the discriminator. There is one union per direction (`ClientMessage`,
   `ServerMessage`) and one module-level `TypeAdapter` per direction (`CLIENT_MESSAGE`,
-  `SERVER_MESSAGE`). The core receives these typed values, never JSON (STYLE.md, rule 10).
+  `SERVER_MESSAGE`). The core receives these typed values, never JSON (docs/contributing.md, rule
+  10).
 - Peer input is parsed by `parse_client_message` (server side) or `parse_server_message`
   (client side). Neither raises on bad input: they return a `WireError` carrying an
   `ErrorCode` and a short message taken from a fixed set. The message never contains
@@ -14,7 +15,7 @@ Rules of this module:
   message in Python is ordinary (lax) pydantic validation.
 - Serialising: ``msg.model_dump_json()`` (or ``SERVER_MESSAGE.dump_json(msg)``). Optional
   fields whose default is ``None`` are left out when they are ``None`` (a gap without a range,
-  an event without ``age``, a ping without ``id``), so frames look like DESIGN.md's examples.
+  an event without ``age``, a ping without ``id``), so frames look like docs/protocol.md's examples.
   ``data`` is required and a JSON ``null`` there is kept.
 - Binary frames are not part of protocol v1. The adapter answers one with `BINARY_FRAME`
   (code ``invalid_message``) and counts it as bad input, exactly like an invalid text frame.

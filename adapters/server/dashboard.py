@@ -1,4 +1,4 @@
-"""The live dashboard at ``GET /`` (DESIGN.md "HTTP on the same port"; issue 8).
+"""The live dashboard at ``GET /`` (docs/operations.md).
 
 A page served by the hub itself, from files shipped inside the package (no CDN, no
 framework: ``static/dashboard.{html,js,css}``, read with `importlib.resources`, so a wheel
@@ -115,7 +115,7 @@ RATE_WINDOW: Final = 10.0
 TIMELINE_WINDOW: Final = 300
 TIMELINE_BUCKET: Final = 10
 
-#: The lifecycle states a client in the registry can be in (DESIGN.md invariant 4: it holds
+#: The lifecycle states a client in the registry can be in (lifecycle invariant 4: it holds
 #: exactly the registered, not-yet-unregistered clients), in the table's order.
 REGISTERED_STATES: Final = tuple(
     s

@@ -1,4 +1,4 @@
-"""Prometheus metrics for one server, in a registry of its own (DESIGN.md, "Metrics").
+"""Prometheus metrics for one server, in a registry of its own (docs/operations.md, "Metrics").
 
 Rules:
 
@@ -12,9 +12,10 @@ Rules:
 * Not thread-safe: the stats callables and `render` run on the event loop's thread, where
   the core mutates the stats, so a scrape sees one consistent snapshot.
 
-Names (DESIGN.md): ``wirestate_connections{state}``, ``wirestate_disconnects_total{cause}``,
-``wirestate_messages_sent_total``, ``wirestate_messages_dropped_total{reason}``,
-``wirestate_breaker_state{breaker,state}`` (1 for the current state, 0 for the others),
+Names (docs/operations.md): ``wirestate_connections{state}``,
+``wirestate_disconnects_total{cause}``, ``wirestate_messages_sent_total``,
+``wirestate_messages_dropped_total{reason}``, ``wirestate_breaker_state{breaker,state}`` (1 for the
+current state, 0 for the others),
 ``wirestate_breaker_transitions_total{breaker,from_state,to_state}``,
 ``wirestate_publish_to_write_seconds`` (histogram); plus ``wirestate_event_loop_lag_seconds``
 (histogram), ``wirestate_keepalive_stall_extensions_total`` and the rest of `HubStats`.

@@ -290,7 +290,7 @@ class WirestateServer:
         loop = asyncio.get_running_loop()
         specs: list[SourceSettings] = list(self.settings.sources)
         if not any(src.topic == "system_status" for src in specs):
-            # The built-in source (DESIGN.md): host CPU, memory, load and uptime.
+            # The built-in source: host CPU, memory, load and uptime.
             specs.append(SourceSettings(kind="system", topic="system_status", interval=5.0))
         if any(src.kind == "http" for src in specs):
             import httpx

@@ -1,5 +1,5 @@
 """Polled upstream sources: one asyncio poller per ``[[sources]]`` entry, each behind its own
-circuit breaker (BREAKER.md D10), publishing on its topic through a `Publisher`.
+circuit breaker (one per upstream: docs/breaker.md), publishing on its topic through a `Publisher`.
 
 The breaker and the cached value are the pure `wirestate.core.breaker.CachedSource`; this
 module only supplies time, makes the call and turns results into publications. It decides no
@@ -12,7 +12,7 @@ Rules:
   breaker its `actions()` and `call_events()` are drained (undrained queues would grow for the
   life of the process), and each `StateChanged` is published once on ``circuit_breaker`` and
   handed once to `on_transition`.
-- What a tick publishes on the source's topic (DESIGN.md, "Payloads of the built-in topics"):
+- What a tick publishes on the source's topic (docs/protocol.md, "Built-in topics"):
   a fresh value as it is (``stale=False``); while calls fail or the breaker rejects them, the
   last good value with ``stale=True`` and its ``age`` (seconds since it was fetched), on every
   tick, as the original service did; with nothing cached, an unavailable status, so that
@@ -26,7 +26,7 @@ Rules:
                                    # closed), null when forced open (no automatic retry)
        "error": "UpstreamStatusError"}  # the failed call's exception type name, or null
 
-- The ``circuit_breaker`` payload is exactly DESIGN.md's: ``{"breaker", "from", "to",
+- The ``circuit_breaker`` payload is the protocol's: ``{"breaker", "from", "to",
   "failures", "retry_at"}``, ``retry_at`` the wall-clock ISO 8601 UTC time (milliseconds,
   ``Z``) at which a trial call is due after entering open, else null.
 - Time: `clock` is monotonic seconds that advance with the event loop's own time (the server
@@ -37,8 +37,8 @@ Rules:
   upstream is never polled harder because it is slow.
 - Failures: a timeout and every `Exception` from `fetch` are results, counted by the breaker;
   cancellation (and any other `BaseException`) releases the permit uncounted and propagates
-  (D7). `run()` lets nothing but those escape: a publisher or hook that raises is logged and
-  counted, and polling goes on.
+  (docs/breaker.md: cancellation is not counted). `run()` lets nothing but those escape: a publisher
+  or hook that raises is logged and counted, and polling goes on.
 - Logs name exception types only: exception text may carry upstream data, and URLs may carry
   credentials.
 """
@@ -95,7 +95,7 @@ __all__ = [
 
 _log = logging.getLogger(__name__)
 
-#: The topic every breaker transition is published on (DESIGN.md, built-in topics).
+#: The topic every breaker transition is published on (docs/protocol.md, built-in topics).
 BREAKER_TOPIC: Final = "circuit_breaker"
 
 #: One call to an upstream: returns a JSON-able value or raises.
@@ -120,7 +120,7 @@ def _finite_or_none(seconds: float | None) -> float | None:
 
 
 def breaker_event(change: StateChanged, wall_offset: float) -> dict[str, Any]:
-    """The ``circuit_breaker`` payload for one transition, exactly as DESIGN.md specifies."""
+    """The ``circuit_breaker`` payload for one transition, exactly as docs/protocol.md gives it."""
     retry_at = None if change.retry_at is None else wall_iso(change.retry_at + wall_offset)
     return {
         "breaker": change.breaker,
@@ -332,7 +332,7 @@ class SourcePoller:
             _log.debug("source %s: fetch failed with %s", self.topic, type(exc).__name__)
             result = self._source.complete(permit, self._clock(), error=exc)
         except BaseException:
-            # Cancellation or interpreter exit: never counted (D7), always propagated.
+            # Cancellation or interpreter exit: never counted, always propagated.
             self._source.cancel(permit, self._clock())
             self._drain()
             raise

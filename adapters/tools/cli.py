@@ -1,4 +1,4 @@
-"""The ``wirestate`` command line (DESIGN.md, "Command line").
+"""The ``wirestate`` command line (docs/operations.md, "Command line").
 
 Each subcommand is a thin shell over the core or the models: it parses flags, calls pure
 code, prints, and chooses the exit status (0 success, 1 a check failed, 2 bad usage or a

@@ -446,6 +446,12 @@ def _diagram(machine: str) -> Callable[[], str]:
 
 
 #: name -> (file under docs/, renderer)
+def _imports() -> str:
+    from wirestate.adapters.tools import layout
+
+    return layout.mermaid()
+
+
 BLOCKS: dict[str, tuple[str, Callable[[], str]]] = {
     "schema": ("protocol.md", _schema),
     "close-causes": ("protocol.md", _close_causes),
@@ -455,6 +461,7 @@ BLOCKS: dict[str, tuple[str, Callable[[], str]]] = {
     "metrics": ("operations.md", _metrics),
     "lifecycle": ("state-machines.md", _diagram("lifecycle")),
     "breaker": ("state-machines.md", _diagram("breaker")),
+    "imports": ("architecture.md", _imports),
 }
 
 

@@ -1,6 +1,6 @@
 """A loopback TCP proxy that injects network faults, for tests of reconnects and delivery.
 
-Put it between a client and a real server (issue 4, "Fault injection")::
+Put it between a client and a real server (the delivery tests do, tests/integration/)::
 
     async with FaultProxy("127.0.0.1", server.port, seed=7) as proxy:
         ws = await connect(f"ws://127.0.0.1:{proxy.port}/ws")

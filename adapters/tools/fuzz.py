@@ -5,7 +5,7 @@ A Hypothesis ``RuleBasedStateMachine`` (`WireFuzzer`) opens several clients on t
 topics), publishes, application pings, malformed JSON, unknown types, schema errors,
 oversized frames, binary frames (a text frame of invalid UTF-8 cannot be sent with the
 websockets client), abrupt disconnects and slow readers. Every frame that comes back is
-checked against protocol v1's promises (DESIGN.md):
+checked against protocol v1's promises (docs/protocol.md):
 
 * ``welcome`` is the first frame, and comes once;
 * every application ``ping`` gets a ``pong`` with the same id while the connection is
@@ -17,11 +17,11 @@ checked against protocol v1's promises (DESIGN.md):
   arriving after its pong (and before a new subscribe was sent) is a violation;
 * every ``error`` has a known code; every frame is a JSON object with a known type;
 * every close has a code (1000/1001/1008/1009/1011/1013) and, when the server started
-  it, a reason that is one of DESIGN.md's close causes; a connection is never dropped
+  it, a reason that is one of the protocol's close causes; a connection is never dropped
   without a close frame unless the client aborted it or had stopped reading;
 * the server is alive at the end of each test case (a fresh connection gets ``welcome``).
 
-Hypothesis has no async rules (tech-notes section 4.1): each test case owns a private event
+Hypothesis has no async rules (as of 6.x): each test case owns a private event
 loop, and every rule runs its I/O with ``loop.run_until_complete`` under a timeout, so no
 step hangs. A failure is shrunk to a short script of rule calls, which `run_fuzz` prints.
 """
@@ -70,7 +70,7 @@ T = TypeVar("T")
 
 #: Every network wait is bounded by this many seconds.
 WAIT = 2.0
-#: Close codes the server may send (DESIGN.md, "Close codes").
+#: Close codes the server may send (docs/protocol.md, "Close codes").
 CLOSE_CODES = frozenset({1000, 1001, 1008, 1009, 1011, 1013})
 CLOSE_REASONS = frozenset(c.value for c in CloseCause)
 ERROR_CODES = frozenset(c.value for c in ErrorCode)

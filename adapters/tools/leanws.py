@@ -1,8 +1,8 @@
 """A minimal, cheap asyncio WebSocket client (RFC 6455) for load generation.
 
 A load generator that holds 10,000 connections must cost far less than the server it
-measures (../shared/notes/perf-baselines.md: a full client library costs as much CPU per
-delivery as the server). `LeanConnection` is one `asyncio.Protocol` per connection and
+measures (measured here: a full client library costs as much CPU per delivery as the
+server; docs/performance.md). `LeanConnection` is one `asyncio.Protocol` per connection and
 nothing else: no task, no future and no queue per message. Each complete text message is
 handed to ``on_text`` synchronously, from ``data_received``.
 

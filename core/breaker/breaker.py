@@ -34,7 +34,7 @@ Rules and invariants:
 - Listeners are called after the trigger has returned; one that raises is logged with its
   exception type only, and never breaks the breaker (S26).
 - Callbacks of the table only change fields and append actions; follow-ups are computed after
-  a trigger returns (STYLE.md rule 4).
+  a trigger returns (docs/contributing.md, rule 4).
 """
 
 from __future__ import annotations
@@ -139,8 +139,9 @@ def _callable_name(fn: object) -> str:
 
 
 class Breaker:
-    """A circuit breaker for one upstream (D10). A plain object with identity equality, fired
-    through the shared `MACHINE`; not thread-safe (the adapters call it from one event loop).
+    """A circuit breaker for one upstream (docs/breaker.md, rule 13). A plain object with identity
+    equality, fired through the shared `MACHINE`; not thread-safe (the adapters call it from one
+    event loop).
 
     Use: `acquire(now)` before each call; with a `Permit`, make the call and settle the permit
     exactly once; with `Rejected`, make no call. Drain `actions()` and `call_events()` after
@@ -258,7 +259,7 @@ class Breaker:
         return self._settle(permit, now, Outcome.CANCELLED, None)
 
     def classify(self, *, value: object = NO_VALUE, error: BaseException | None = None) -> Outcome:
-        """The configured classification (semantics 6), before the call-timeout rule:
+        """The configured classification (docs/breaker.md, rule 6), before the call-timeout rule:
         non-`Exception` errors are CANCELLED; then `ignore` -> IGNORED; `success_on` ->
         SUCCESS; a `TimeoutError` -> TIMEOUT; any other error -> FAILURE; a value for which
         `is_failure_result` is true -> FAILURE; else SUCCESS. Pure apart from logging."""
@@ -292,7 +293,7 @@ class Breaker:
         """Classify the call's result (`classify`) and settle the permit accordingly.
 
         A cancellation (any non-`Exception` error: `CancelledError`, `KeyboardInterrupt`,
-        `SystemExit`) releases the permit uncounted and is then re-raised (S14, D7). Passing
+        `SystemExit`) releases the permit uncounted and is then re-raised (S14). Passing
         both `value` and `error` is a `ValueError`.
         """
         if value is not NO_VALUE and error is not None:
@@ -589,7 +590,8 @@ class Breaker:
                 try:
                     listener(change)
                 except Exception as exc:
-                    # Only the type: exception text may carry upstream data (STYLE.md rule 6).
+                    # Only the type: exception text may carry upstream data (docs/contributing.md,
+                    # rule 6).
                     _log.error(
                         "breaker %s: listener %s raised %s; ignored",
                         self.name,

@@ -40,7 +40,7 @@ class CacheEntry(Generic[T]):
 
 @dataclass(frozen=True)
 class PollResult(Generic[T]):
-    """One poll's answer; never an exception (semantics 7).
+    """One poll's answer; never an exception (docs/breaker.md, rule 7).
 
     FRESH: `value` was just fetched, `stale=False`, `age=0`. Otherwise the last good value
     with `stale=True`, its original `fetched_at` and `age = now - fetched_at` (never
@@ -65,12 +65,12 @@ class PollResult(Generic[T]):
 
 
 class CachedSource(Generic[T]):
-    """One upstream source behind its own breaker (D10), with the last good value.
+    """One upstream source behind its own breaker (one per upstream), with the last good value.
 
     Sans-I/O: `begin(now)` then, if a `Permit` came back, make the call and hand its result to
     `complete(...)` (or `cancel(...)` before re-raising a cancellation). `poll(fetch, now)`
     does both around a synchronous callable. Only a FRESH result changes the cache; a failed,
-    ignored, rejected or late call never refreshes `fetched_at` (semantics 7).
+    ignored, rejected or late call never refreshes `fetched_at` (rule 7).
 
     A success of an older generation that is not a timeout (S25, a slow manual refresh
     finishing after the breaker opened) counts for nothing in the breaker but its value is

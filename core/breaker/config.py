@@ -100,9 +100,9 @@ def _exceeded(threshold: float, min_calls: int, calls: int, hits: int) -> bool:
 
 @dataclass(frozen=True, kw_only=True)
 class FailureRateRule:
-    """Rate mode (off by default, D1): trip when, over `window`, at least `min_calls` calls
-    were counted and at least `threshold` percent of them failed. It replaces the consecutive
-    rule; `consecutive_failures` is still reported."""
+    """Rate mode (off by default: docs/breaker.md, design choices): trip when, over `window`, at
+    least `min_calls` calls were counted and at least `threshold` percent of them failed. It
+    replaces the consecutive rule; `consecutive_failures` is still reported."""
 
     threshold: float = 50.0
     window: Window = field(default_factory=lambda: CountWindow(10))
@@ -196,7 +196,7 @@ class BreakerConfig:
       expires (S13). `None` means `call_timeout` when that is set, else 60 s.
     - `call_timeout`: a permit settled this long after it was issued is a TIMEOUT failure.
     - `ignore`: errors that count as neither success nor failure (exception types or
-      predicates, D6). `success_on`: errors that count as a success. Checked in that order.
+      predicates). `success_on`: errors that count as a success. Checked in that order.
     - `is_failure_result`: a returned value for which it is true is a failure (S16).
     A predicate that raises is logged (type name only) and its call counts as a failure.
     """

@@ -165,7 +165,7 @@ TRANSITIONS: Final[list[dict[str, Any]]] = [
         "after": enter_open,
     },
     {"trigger": "failure", "source": _C, "dest": None, "after": count_failure},
-    # Any counted failure of a trial reopens with a fresh timer (BREAKER.md semantics 4).
+    # Any counted failure of a trial reopens with a fresh timer (docs/breaker.md, rule 4).
     {
         "trigger": "failure",
         "source": _H,
@@ -234,7 +234,7 @@ REFUSED: Final[frozenset[tuple[BreakerState, str]]] = frozenset(
         (_O, "success"),
         (_F, "success"),
         (_D, "success"),
-        # Only OPEN may half-open (BREAKER.md S23: CLOSED -> HALF_OPEN is illegal).
+        # Only OPEN may half-open (docs/breaker.md S23: CLOSED -> HALF_OPEN is illegal).
         (_C, "probe"),
         (_H, "probe"),
         (_F, "probe"),

@@ -51,7 +51,7 @@ class RejectReason(Enum):
 
 
 class Outcome(Enum):
-    """How a settlement was classified (semantics 5 and 6)."""
+    """How a settlement was classified (docs/breaker.md, rules 5 and 6)."""
 
     SUCCESS = "success"
     FAILURE = "failure"

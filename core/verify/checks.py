@@ -6,7 +6,7 @@ truth, which the hub cannot fake: which pumps the adapter started and which it s
 which pings went out, how long the loop stalled. After each input the checker hands it the
 actions the hub emitted; it raises `InvariantViolation` naming the broken invariant.
 
-The five invariants (DESIGN.md, "Connection lifecycle"):
+The five invariants (docs/state-machines.md):
 
 1. A client is unregistered only after it was registered, only once, and only when its
    reader and its writer have both finished.

@@ -6,7 +6,7 @@
 It drives one `CachedSource` (and so its `Breaker`) through its public API with acquire,
 success, failure, timeout, ignored and cancelled settlements, time passing (backwards steps
 included), force_open, disable and reset, and after every step compares the breaker with
-`_Reference`, a small independent model of BREAKER.md written without `transitions`.
+`_Reference`, a small independent model of docs/breaker.md written without `transitions`.
 
 Invariants checked at every step:
 - the snapshot (state, counters, trials in flight, attempt, generation, wait, retry_after,
@@ -20,8 +20,9 @@ Invariants checked at every step:
 - a result that is not FRESH never refreshes the cache's `fetched_at`.
 
 This module imports Hypothesis and is for tests only: nothing in the runtime core imports it.
-Rules follow tech-notes section 4: one rule is one external event, permits are chosen through
-a Bundle, parameters come from small discrete sets (dyadic, so float sums are exact).
+The rules follow what makes Hypothesis machines shrink well: one rule is one external event, permits
+are chosen through a Bundle, parameters come from small discrete sets (dyadic, so float sums are
+exact).
 """
 
 from __future__ import annotations
@@ -99,7 +100,7 @@ class _Lease:
 
 
 class _Reference:
-    """BREAKER.md restated plainly. Knows nothing of the implementation but its config."""
+    """docs/breaker.md restated plainly. Knows nothing of the implementation but its config."""
 
     def __init__(self, config: BreakerConfig, cache: tuple[str, float] | None) -> None:
         self.cfg = config
@@ -339,7 +340,7 @@ class BreakerMachine(RuleBasedStateMachine):
 
     @rule(how=st.sampled_from(_POLL_OUTCOMES), took=st.sampled_from(_TOOK))
     def poll(self, how: str, took: float) -> None:
-        """A burst rule (tech-notes 4, rule 3): acquire and settle at once, as the poller does."""
+        """A burst rule: acquire and settle at once, as a real poller does."""
         permit = self._acquire()
         if permit is not None:
             self.now += took
@@ -460,7 +461,7 @@ class BreakerMachine(RuleBasedStateMachine):
         assert got.retry_after == self.model.retry_after(self.model.progress)
 
     def _check_fallback(self, got: PollResult[str], before: CacheEntry[str] | None) -> None:
-        # A result that is not FRESH never refreshes the cache (semantics 7).
+        # A result that is not FRESH never refreshes the cache (docs/breaker.md, rule 7).
         assert self.source.cached == before
         cache = self.model.cache
         if cache is None:

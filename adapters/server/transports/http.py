@@ -2,7 +2,7 @@
 
 websockets 17.4 answers GETs through ``process_request`` but never reads a request body
 (``Request.parse`` leaves it in the stream and refuses ``Transfer-Encoding``), so POST
-/publish cannot go through it (DESIGN.md, "Serving HTTP beside /ws"). This module gives
+/publish cannot go through it (checked with websockets 17.4). This module gives
 ``serve(create_connection=...)`` a `ServerConnection` subclass that looks at each
 connection's first request head before websockets sees a byte of it:
 
