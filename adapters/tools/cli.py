@@ -257,8 +257,17 @@ def cmd_client(args: argparse.Namespace, stdout: TextIO) -> int:
         return 130
 
 
+HYPOTHESIS_MISSING = "needs Hypothesis: pip install 'wirestate[verify]'"
+
+
 def cmd_fuzz(args: argparse.Namespace, stdout: TextIO) -> int:
-    from wirestate.adapters.tools.fuzz import run_fuzz
+    try:
+        from wirestate.adapters.tools.fuzz import run_fuzz
+    except ModuleNotFoundError as exc:
+        if exc.name != "hypothesis":
+            raise
+        sys.stderr.write(f"wirestate fuzz {HYPOTHESIS_MISSING}\n")
+        return 2
 
     try:
         return run_fuzz(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import os
@@ -13,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from wirestate.adapters.tools import cli
+from wirestate.testing.net import serve_process
 
 
 def run(*argv: str) -> tuple[int, str]:
@@ -133,32 +135,13 @@ def test_fuzz_refuses_a_remote_url(capsys: pytest.CaptureFixture[str]) -> None:
     assert "wirestate fuzz:" in capsys.readouterr().err
 
 
-def test_fuzz_against_a_running_server() -> None:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    exe = Path(sys.executable).with_name("wirestate")
-    server = subprocess.Popen([str(exe), "serve", "--port", str(port)], stderr=subprocess.PIPE)
-    try:
-        import time
-
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            except OSError:
-                time.sleep(0.05)
-        code, out = run(
-            "fuzz", f"ws://127.0.0.1:{port}/ws", "--examples", "5", "--steps", "10", "--seed", "1"
+async def test_fuzz_against_a_running_server() -> None:
+    async with serve_process() as served:  # yields once the child logs that it listens
+        code, out = await asyncio.to_thread(
+            run, "fuzz", served.url, "--examples", "5", "--steps", "10", "--seed", "1"
         )
         assert code == 0, out
         assert "every promise held" in out
-    finally:
-        server.terminate()
-        server.wait(10)
 
 
 @pytest.mark.parametrize(
@@ -184,3 +167,13 @@ def test_uvloop_asked_for_but_missing_says_what_to_install(
     monkeypatch.setitem(sys.modules, "uvloop", None)  # import uvloop -> ImportError
     assert cli.main(argv, stdout=io.StringIO()) == 2
     assert "needs uvloop: pip install 'wirestate[fast]'" in capsys.readouterr().err
+
+
+def test_fuzz_without_hypothesis_says_what_to_install(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Hypothesis is the `verify` extra: a service install has none.
+    monkeypatch.setitem(sys.modules, "hypothesis", None)  # import hypothesis -> error
+    monkeypatch.delitem(sys.modules, "wirestate.adapters.tools.fuzz", raising=False)
+    assert cli.main(["fuzz", "ws://127.0.0.1:1/ws"]) == 2
+    assert "needs Hypothesis: pip install 'wirestate[verify]'" in capsys.readouterr().err
