@@ -166,6 +166,12 @@ class Authenticator:
     def __repr__(self) -> str:
         return f"Authenticator(algorithm={self._algorithm!r})"
 
+    def authenticate_request(self, headers: Headers, target: str, *, now: float) -> Grants:
+        """`authenticate` with the token of an HTTP request or upgrade (`token_from_request`):
+        `OPEN` without ``[auth]``, else the token's grants; raises `AuthError` as
+        `authenticate` does."""
+        return self.authenticate(token_from_request(headers, target), now=now)
+
     def authenticate(self, token: str | None, *, now: float) -> Grants:
         """The grants of a valid `token` at time `now` (epoch seconds).
 

@@ -49,7 +49,6 @@ from wirestate.adapters.server.auth import (
     Authenticator,
     AuthError,
     Grants,
-    token_from_request,
 )
 from wirestate.adapters.server.routes import (
     HttpRequest,
@@ -208,18 +207,17 @@ class Dashboard:
         return _serve(request, asset(name), (("x-content-type-options", "nosniff"),))
 
     async def snapshot(self, request: HttpRequest) -> HttpResponse:
-        grants = OPEN
-        if self._auth.required:
-            token = token_from_request(request.headers, request.target)
-            try:
-                grants = self._auth.authenticate(token, now=time.time())
-            except AuthError as exc:
-                return error_response(
-                    401,
-                    "unauthorized",
-                    f"a valid token is required ({exc.reason})",
-                    (("www-authenticate", "Bearer"), ("cache-control", "no-store")),
-                )
+        try:
+            grants = self._auth.authenticate_request(
+                request.headers, request.target, now=time.time()
+            )
+        except AuthError as exc:
+            return error_response(
+                401,
+                "unauthorized",
+                f"a valid token is required ({exc.reason})",
+                (("www-authenticate", "Bearer"), ("cache-control", "no-store")),
+            )
         body = self._source(_visible(grants))
         if body is None:
             return error_response(503, "unavailable", "the hub has not started")

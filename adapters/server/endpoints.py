@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 from pydantic import TypeAdapter, ValidationError
 
-from wirestate.adapters.server.auth import OPEN, AuthError, token_from_request
+from wirestate.adapters.server.auth import AuthError
 from wirestate.adapters.server.bus import BusUnavailable
 from wirestate.adapters.server.dashboard import Dashboard
 from wirestate.adapters.server.metrics import CONTENT_TYPE
@@ -71,15 +71,12 @@ class Endpoints:
 
     async def publish(self, request: HttpRequest) -> HttpResponse:
         service = self.service
-        grants = OPEN
-        if service.auth.required:
-            token = token_from_request(request.headers, request.target)
-            try:
-                grants = service.auth.authenticate(token, now=time.time())
-            except AuthError as exc:
-                return error_response(
-                    401, "unauthorized", f"a valid token is required ({exc.reason})"
-                )
+        try:
+            grants = service.auth.authenticate_request(
+                request.headers, request.target, now=time.time()
+            )
+        except AuthError as exc:
+            return error_response(401, "unauthorized", f"a valid token is required ({exc.reason})")
         try:
             body = orjson.loads(request.body)
         except orjson.JSONDecodeError:

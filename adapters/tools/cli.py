@@ -224,34 +224,18 @@ def cmd_client(args: argparse.Namespace, stdout: TextIO) -> int:
     if args.count is not None and args.count < 1:
         sys.stderr.write("wirestate client: --count must be >= 1\n")
         return 2
+    shared: dict[str, Any] = {"count": args.count, "duration": args.duration, "out": stdout}
     if args.reconnect:
         from wirestate.adapters.client.follow import follow
 
         try:
             return asyncio.run(
-                follow(
-                    args.url,
-                    args.topic,
-                    count=args.count,
-                    duration=args.duration,
-                    json_lines=args.json,
-                    out=stdout,
-                    err=sys.stderr,
-                )
+                follow(args.url, args.topic, json_lines=args.json, err=sys.stderr, **shared)
             )
         except KeyboardInterrupt:
             return 130
     try:
-        return asyncio.run(
-            run_client(
-                args.url,
-                args.topic,
-                count=args.count,
-                duration=args.duration,
-                json_lines=args.json,
-                out=stdout,
-            )
-        )
+        return asyncio.run(run_client(args.url, args.topic, json_lines=args.json, **shared))
     except KeyboardInterrupt:
         # run_client printed its summary before the cancellation reached us.
         return 130

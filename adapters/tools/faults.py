@@ -43,7 +43,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
-import ipaddress
 import random
 import socket
 import struct
@@ -51,6 +50,8 @@ from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Literal, TypeAlias
+
+from wirestate.adapters.server.admission import loopback
 
 __all__ = [
     "ChaosConfig",
@@ -353,13 +354,7 @@ def _reset(writer: asyncio.StreamWriter) -> None:
 
 
 def _require_loopback(host: str, what: str) -> None:
-    if host == "localhost":
-        return
-    try:
-        loopback = ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        loopback = False
-    if not loopback:
+    if not loopback(host):
         raise ValueError(f"{what} must be a loopback address, not {host!r}")
 
 

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import itertools
 import json
 from collections.abc import Coroutine
@@ -54,6 +53,7 @@ from hypothesis.stateful import (
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
+from wirestate.adapters.server.admission import loopback
 from wirestate.core.causes import CloseCause, ErrorCode
 
 __all__ = [
@@ -109,13 +109,7 @@ def check_url(url: str, *, allow_remote: bool = False) -> None:
     if allow_remote:
         return
     host = parts.hostname
-    if host == "localhost":
-        return
-    try:
-        loopback = ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        loopback = False
-    if not loopback:
+    if not loopback(host):
         raise ValueError(
             f"refusing to fuzz non-loopback host {host!r} (pass allow_remote=True to insist)"
         )
