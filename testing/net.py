@@ -36,7 +36,7 @@ __all__ = [
 ]
 
 #: The bound on every wait: generous for a loaded CI machine, never reached when passing.
-WAIT = 5.0
+WAIT = 10.0
 
 #: [server] keys of a test server: any free port, keep-alive in milliseconds.
 FAST_SERVER: Mapping[str, Any] = {

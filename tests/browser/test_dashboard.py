@@ -23,6 +23,7 @@ from websockets.asyncio.client import connect
 from wirestate.adapters.server.service import WirestateServer
 from wirestate.core.breaker import BreakerConfig
 from wirestate.models.settings import Settings
+from wirestate.testing.net import recv, server_settings
 
 try:
     from playwright.async_api import Browser, ConsoleMessage, Page, async_playwright, expect
@@ -77,12 +78,9 @@ class Upstream:
         return {"widgets": 42}
 
 
-def settings(**extra: Any) -> Settings:
-    values: dict[str, Any] = {
-        "server": {"port": 0, "ping_interval": 0.1, "ping_timeout": 2.0, "close_timeout": 0.5}
-    }
-    values.update(extra)
-    return Settings.model_validate(values)
+def settings(**sections: Any) -> Settings:
+    """Pings every 100 ms, a pong due within 2 s, loop stalls at the default threshold."""
+    return server_settings(sections, ping_interval=0.1, ping_timeout=2.0, loop_stall_threshold=0.5)
 
 
 class Console:
@@ -122,7 +120,7 @@ async def test_the_dashboard_shows_a_client_come_and_go_and_a_breaker_open(
 
         # Another client connects: its id appears in the list.
         ws = await connect(server.url, ping_interval=None)
-        welcome = orjson.loads(await ws.recv())
+        welcome = await recv(ws)
         client_id = welcome["client_id"]
         await ws.send(orjson.dumps({"type": "subscribe", "topics": ["orders"]}).decode())
         row = page.locator(f'#clients tr[data-client-id="{client_id}"]')

@@ -14,7 +14,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
@@ -31,15 +30,10 @@ from websockets.exceptions import ConnectionClosed
 from wirestate.adapters.server import bus as bus_module
 from wirestate.adapters.server.service import WirestateServer
 from wirestate.models.settings import Settings
+from wirestate.testing.net import free_port, recv, until
 
 WAIT = 20.0  # the bound on every wait: a failure, never a hang
 REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _reachable(url: str) -> bool:
@@ -82,7 +76,7 @@ def nodes(tmp_path: Path, url: str, count: int, **bus: Any) -> Iterator[list[Nod
     started: list[Node] = []
     try:
         for _ in range(count):
-            port = _free_port()
+            port = free_port()
             proc = subprocess.Popen(
                 [str(exe), "serve", "--config", str(config), "--port", str(port)],
                 stdout=subprocess.DEVNULL,
@@ -115,13 +109,7 @@ async def ready(node: Node, want: bool = True) -> dict[str, Any]:
                     return body
             except httpx.TransportError:
                 pass  # not listening yet
-            await asyncio.sleep(0.02)
-
-
-async def recv(ws: ClientConnection) -> dict[str, Any]:
-    async with asyncio.timeout(WAIT):
-        msg: dict[str, Any] = orjson.loads(await ws.recv())
-    return msg
+            await asyncio.sleep(0.02)  # another process's state: /readyz is all there is
 
 
 @asynccontextmanager
@@ -129,12 +117,12 @@ async def subscriber(
     node: Node, *topics: str, since: dict[str, Any] | None = None
 ) -> AsyncIterator[tuple[ClientConnection, dict[str, Any]]]:
     async with connect(node.url, ping_interval=None) as ws:
-        assert (await recv(ws))["type"] == "welcome"
+        assert (await recv(ws, WAIT))["type"] == "welcome"
         msg: dict[str, Any] = {"type": "subscribe", "topics": list(topics)}
         if since:
             msg["since"] = since
         await ws.send(orjson.dumps(msg).decode())
-        subscribed = await recv(ws)
+        subscribed = await recv(ws, WAIT)
         assert subscribed["type"] == "subscribed"
         yield ws, subscribed
 
@@ -151,7 +139,7 @@ async def events(ws: ClientConnection, n: int) -> list[dict[str, Any]]:
     """The next ``n`` event or gap messages."""
     out: list[dict[str, Any]] = []
     while len(out) < n:
-        msg = await recv(ws)
+        msg = await recv(ws, WAIT)
         if msg["type"] in ("event", "gap"):
             out.append(msg)
     return out
@@ -293,7 +281,7 @@ def own_redis(port: int) -> Iterator[subprocess.Popen[bytes]]:
 async def test_a_redis_outage_is_visible_survivable_and_heals_without_duplicates(
     tmp_path: Path, redis_url: str
 ) -> None:
-    port = _free_port()
+    port = free_port()
     url = f"redis://127.0.0.1:{port}/0"
     t = topic()
     with own_redis(port) as redis_proc, nodes(tmp_path, url, 2) as (a, b):
@@ -397,7 +385,7 @@ async def test_a_node_started_without_redis_serves_locally_then_joins(
     monkeypatch: pytest.MonkeyPatch, redis_url: str
 ) -> None:
     monkeypatch.setattr(bus_module, "START_WAIT", 0.1)
-    port = _free_port()
+    port = free_port()
     t = topic()
     async with WirestateServer(_bus_settings(f"redis://127.0.0.1:{port}/0")) as server:
         node = Node(None, server.port)
@@ -472,9 +460,7 @@ async def test_an_asgi_node_and_a_websockets_node_share_the_bus(redis_url: str) 
     served = uvicorn.Server(config)
     task = asyncio.create_task(served.serve())
     try:
-        async with asyncio.timeout(WAIT):
-            while not served.started and not task.done():  # noqa: ASYNC110 - no event to wait on
-                await asyncio.sleep(0.01)
+        await until(lambda: served.started or task.done(), WAIT)
         assert served.started
         port = served.servers[0].sockets[0].getsockname()[1]
         async with WirestateServer(_bus_settings(redis_url)) as plain:
@@ -514,7 +500,7 @@ async def test_a_source_added_in_code_stays_node_local_on_a_bus(redis_url: str) 
             (msg,) = await events(ws, 1)
             assert msg["data"] == {"widgets": 42}
             await ws.send(orjson.dumps({"type": "publish", "topic": t, "data": 1}).decode())
-            while (reply := await recv(ws))["type"] != "error":
+            while (reply := await recv(ws, WAIT))["type"] != "error":
                 pass
             assert reply["code"] == "forbidden"
         assert isinstance(server.bus, bus_module.RedisBus)

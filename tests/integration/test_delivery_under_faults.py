@@ -1,4 +1,4 @@
-"""Delivery properties under injected faults, end to end (issue 4, section 5).
+"""Delivery properties under injected faults, end to end (the delivery promise).
 
 Subscribers connect through a seeded fault proxy that cuts and stalls their connections at
 random while events are published; the real server sits behind it. For every subscriber:
@@ -30,6 +30,7 @@ from wirestate.adapters.client.subscriber import Backoff, Event, Gap, connect
 from wirestate.adapters.server.service import WirestateServer
 from wirestate.adapters.tools.faults import FaultProxy
 from wirestate.models.settings import Settings
+from wirestate.testing.net import until
 
 WAIT = 20.0
 
@@ -114,9 +115,7 @@ async def test_every_event_arrives_once_in_order_or_inside_a_gap(seed: int, hist
                     topic = hub.topics.get("t")
                     return topic is not None and len(topic.subscribers) >= SUBSCRIBERS
 
-                async with asyncio.timeout(WAIT):
-                    while not all_subscribed():  # noqa: ASYNC110 - no event for this count
-                        await asyncio.sleep(0.01)
+                await until(all_subscribed, WAIT)  # no event for this count
                 proxy.chaos(cut_rate=0.15, stall_rate=0.15, max_stall=0.2, interval=0.02)
                 for i in range(EVENTS):
                     await server.publish("t", {"i": i})

@@ -14,7 +14,6 @@ import contextlib
 import re
 import struct
 import time
-from collections.abc import Callable
 from typing import Any
 
 import jwt
@@ -26,35 +25,14 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from wirestate.adapters.client.probe import run_client
 from wirestate.adapters.server.service import WirestateServer
 from wirestate.models.settings import Settings
+from wirestate.testing.net import WAIT, connected, recv, server_settings, until
 
-WAIT = 10.0  # the bound on every wait: a failure, never a hang
-
-
-def settings(**sections: Any) -> Settings:
-    server = {"port": 0, "ping_interval": 5.0, "ping_timeout": 5.0, "close_timeout": 0.5}
-    server.update(sections.pop("server", {}))
-    return Settings.model_validate({"server": server, **sections})
+#: Keep-alive out of the way (and loop stalls at the default) unless a test is about it.
+QUIET = {"ping_interval": 5.0, "ping_timeout": 5.0, "loop_stall_threshold": 0.5}
 
 
-async def until(predicate: Callable[[], bool]) -> None:
-    """Wait for a condition the test cannot be notified of, with a bound."""
-    async with asyncio.timeout(WAIT):
-        while not predicate():  # noqa: ASYNC110 - counters have no event to wait on
-            await asyncio.sleep(0.005)
-
-
-async def recv(ws: ClientConnection) -> dict[str, Any]:
-    async with asyncio.timeout(WAIT):
-        raw = await ws.recv()
-    msg: dict[str, Any] = orjson.loads(raw)
-    return msg
-
-
-async def welcomed(url: str, **kwargs: Any) -> tuple[ClientConnection, dict[str, Any]]:
-    ws = await connect(url, compression=None, ping_interval=None, **kwargs)
-    welcome = await recv(ws)
-    assert welcome["type"] == "welcome"
-    return ws, welcome
+def settings(server: dict[str, Any] | None = None, **sections: Any) -> Settings:
+    return server_settings(sections, **{**QUIET, **(server or {})})
 
 
 async def closed(ws: ClientConnection) -> tuple[int | None, str | None]:
@@ -67,7 +45,7 @@ async def closed(ws: ClientConnection) -> tuple[int | None, str | None]:
 
 async def clients_history(server: WirestateServer) -> list[dict[str, Any]]:
     """The ``clients`` topic from its first event (``since`` 0), as the guide shows."""
-    ws, _ = await welcomed(server.url)
+    ws, _ = await connected(server.url)
     subscribe = {"type": "subscribe", "topics": ["clients"], "since": {"clients": 0}}
     await ws.send(orjson.dumps(subscribe).decode())
     subscribed = await recv(ws)
@@ -206,7 +184,7 @@ async def test_1_a_deadline_too_tight_for_the_client_is_a_keepalive_timeout() ->
     never at 0.5 ms; the client is told the two values in its welcome."""
     tight = settings(server={"ping_interval": 0.1, "ping_timeout": 0.03})
     async with WirestateServer(tight) as server:
-        busy, welcome = await welcomed(server.url)
+        busy, welcome = await connected(server.url)
         assert (welcome["ping_interval"], welcome["ping_timeout"]) == (0.1, 0.03)
         busy.transport.pause_reading()  # busy elsewhere: the ping waits in its socket
         hub = server.hub
@@ -223,7 +201,7 @@ async def test_1_a_deadline_too_tight_for_the_client_is_a_keepalive_timeout() ->
 async def test_1_the_same_client_stays_with_a_ping_timeout_it_can_meet() -> None:
     generous = settings(server={"ping_interval": 0.1, "ping_timeout": 5.0})
     async with WirestateServer(generous) as server:
-        busy, welcome = await welcomed(server.url)
+        busy, welcome = await connected(server.url)
         busy.transport.pause_reading()
         hub = server.hub
         assert hub is not None
@@ -239,7 +217,7 @@ async def test_1_the_same_client_stays_with_a_ping_timeout_it_can_meet() -> None
 async def test_2_a_read_limit_smaller_than_the_first_message_is_1009_at_once() -> None:
     small = settings(limits={"max_message_size": 64})
     async with WirestateServer(small) as server:
-        ws, welcome = await welcomed(server.url)
+        ws, welcome = await connected(server.url)
         first = {"type": "subscribe", "topics": ["system_status", "orders.eu", "orders.us"]}
         assert len(orjson.dumps(first)) > 64
         await ws.send(orjson.dumps(first).decode())
@@ -309,7 +287,7 @@ async def test_4_a_browser_origin_not_on_the_allowlist_is_403() -> None:
         metrics = await scrape(server.port)
         assert sample(metrics, 'wirestate_connections_rejected_total{reason="origin"}') == 1
         # The same token from the allowed origin is welcome.
-        ws, _ = await welcomed(url, origin="https://app.example.com")
+        ws, _ = await connected(url, origin="https://app.example.com")
         await ws.close()
 
 
@@ -375,7 +353,7 @@ async def test_6_a_client_that_closes_is_recorded_with_its_code(
     how: str, cause: str, code: int
 ) -> None:
     async with WirestateServer(settings()) as server:
-        ws, welcome = await welcomed(server.url)
+        ws, welcome = await connected(server.url)
         if how == "drop tcp":
             ws.transport.abort()  # no close frame: a crash, a killed tab, a reset
         else:
@@ -395,7 +373,7 @@ async def test_7_a_proxy_idle_timeout_under_the_ping_interval_cuts_idle_clients(
         WirestateServer(settings(server={"ping_interval": 2.0})) as server,
         Proxy(server.port, idle=0.2) as proxy,
     ):
-        ws, welcome = await welcomed(proxy.url)
+        ws, welcome = await connected(proxy.url)
         assert await closed(ws) == (1006, "")  # no close frame reached the client
         assert ws.protocol.close_rcvd is None
         gone = await departure(server, welcome["client_id"])
@@ -410,7 +388,7 @@ async def test_7_a_ping_interval_under_the_proxy_idle_timeout_keeps_them() -> No
         WirestateServer(settings(server={"ping_interval": 0.05, "ping_timeout": 1.0})) as server,
         Proxy(server.port, idle=0.2) as proxy,
     ):
-        ws, welcome = await welcomed(proxy.url)
+        ws, welcome = await connected(proxy.url)
         reading = asyncio.create_task(closed(ws))  # websockets answers pings while it reads
         hub = server.hub
         assert hub is not None

@@ -1,4 +1,4 @@
-"""Settings: DESIGN.md's defaults, overrides > environment > file, and errors that name keys."""
+"""Settings: the documented defaults, overrides > environment > file, and errors that name keys."""
 
 from __future__ import annotations
 

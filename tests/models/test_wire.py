@@ -1,4 +1,4 @@
-"""Protocol v1 messages: DESIGN.md's examples round-trip, and bad peer input never raises."""
+"""Protocol v1 messages: docs/protocol.md's examples round-trip, and bad peer input never raises."""
 
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ from wirestate.models.wire import (
     parse_server_message,
 )
 
-# DESIGN.md, "Wire protocol v1", verbatim where it gives a complete frame.
+# The protocol's own examples, verbatim where they give a complete frame.
 CLIENT_EXAMPLES: list[tuple[str, type[Any]]] = [
     (
         '{"type": "subscribe", "topics": ["system_status"], "since": {"system_status": 41}}',

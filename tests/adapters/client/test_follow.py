@@ -13,6 +13,7 @@ from wirestate.adapters.client.subscriber import Backoff
 from wirestate.adapters.server.service import WirestateServer
 from wirestate.adapters.tools import cli
 from wirestate.models.settings import Settings
+from wirestate.testing.net import until
 
 WAIT = 10.0
 
@@ -29,9 +30,7 @@ async def subscribed(srv: WirestateServer) -> None:
         topic = srv.hub.topics.get("t") if srv.hub else None
         return topic is not None and len(topic.subscribers) >= 1
 
-    async with asyncio.timeout(WAIT):
-        while not ready():  # noqa: ASYNC110 - no event for a subscriber count
-            await asyncio.sleep(0.005)
+    await until(ready, WAIT)  # no event for a subscriber count
 
 
 async def test_follow_resumes_across_a_cut_with_no_duplicate(server: WirestateServer) -> None:
@@ -50,9 +49,7 @@ async def test_follow_resumes_across_a_cut_with_no_duplicate(server: WirestateSe
     await subscribed(server)
     for i in range(3):
         await server.publish("t", {"i": i})
-    async with asyncio.timeout(WAIT):
-        while out.getvalue().count('"type":"event"') < 3:  # noqa: ASYNC110
-            await asyncio.sleep(0.005)
+    await until(lambda: out.getvalue().count('"type":"event"') >= 3, WAIT)
     for client in list(server.sessions.values()):
         client.transport.abort()  # cut it server-side
     for i in range(3, 6):
@@ -116,9 +113,7 @@ async def test_follow_prints_a_gap_for_what_history_lost() -> None:
         )
         await subscribed(srv)
         await srv.publish("t", {"i": 0})
-        async with asyncio.timeout(WAIT):
-            while "t #1 " not in out.getvalue():  # noqa: ASYNC110
-                await asyncio.sleep(0.005)
+        await until(lambda: "t #1 " in out.getvalue(), WAIT)
         for client in list(srv.sessions.values()):
             client.transport.abort()
         for i in range(1, 4):

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import io
 import json
-import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -16,6 +15,7 @@ import pytest
 from websockets.asyncio.server import ServerConnection, serve
 
 from wirestate.adapters.client.probe import parse_close, run_client
+from wirestate.testing.net import free_port
 
 TOPIC = "system_status"
 TS = "2026-11-25T16:00:00.000Z"
@@ -104,13 +104,6 @@ def summary(out: str) -> dict[str, Any]:
     assert set(last) == {"summary"}
     result: dict[str, Any] = last["summary"]
     return result
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
 
 
 # --- output -----------------------------------------------------------------------------

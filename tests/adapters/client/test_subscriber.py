@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -28,6 +27,7 @@ from wirestate.adapters.client.subscriber import (
 from wirestate.adapters.server.service import WirestateServer
 from wirestate.core.causes import GapReason
 from wirestate.models.settings import Settings
+from wirestate.testing.net import free_port, server_settings
 
 TOPIC = "orders"
 TS = "2026-11-25T16:00:00.000Z"
@@ -35,9 +35,9 @@ WAIT = 3.0  # upper bound on any single wait
 FAST = Backoff(base=0.01, cap=0.05)
 
 
-def settings(port: int = 0, **extra: Any) -> Settings:
-    server = {"port": port, "ping_interval": 0.05, "ping_timeout": 0.1, "close_timeout": 0.5}
-    return Settings.model_validate({"server": server, **extra})
+def settings(port: int = 0, **sections: Any) -> Settings:
+    """A test server on ``port``, loop stalls at the default threshold."""
+    return server_settings(sections, port=port, loop_stall_threshold=0.5)
 
 
 @asynccontextmanager
@@ -96,12 +96,6 @@ def test_backoff_rejects_bad_values(kwargs: dict[str, Any]) -> None:
         Backoff(**kwargs)
     with pytest.raises(ValueError, match="attempt must be >= 0"):
         Backoff().delay(-1)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 async def test_attempts_exhausted_raises_connection_lost() -> None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -27,18 +27,15 @@ from wirestate.core.breaker import table as breaker_table
 from wirestate.core.causes import CloseCause
 from wirestate.core.hub import Hub, HubConfig
 from wirestate.models.settings import Settings
+from wirestate.testing.net import WAIT, recv, server_settings, until
 
-WAIT = 10.0
 SECRET = "dashboard-" + "s" * 40
 STATIC = Path(dashboard.__file__).parent / "static"
 
 
-def settings(**extra: Any) -> Settings:
-    values: dict[str, Any] = {
-        "server": {"port": 0, "ping_interval": 0.05, "ping_timeout": 0.5, "close_timeout": 0.5}
-    }
-    values.update(extra)
-    return Settings.model_validate(values)
+def settings(**sections: Any) -> Settings:
+    """A test server with a pong due within 0.5 s, loop stalls reported past the default."""
+    return server_settings(sections, ping_timeout=0.5, loop_stall_threshold=0.5)
 
 
 class Upstream:
@@ -79,15 +76,8 @@ async def http(server: WirestateServer) -> AsyncIterator[httpx.AsyncClient]:
         yield client
 
 
-async def until(predicate: Callable[[], Any]) -> None:
-    async with asyncio.timeout(WAIT):
-        while not predicate():  # noqa: ASYNC110 - polling server state, bounded
-            await asyncio.sleep(0.005)
-
-
 async def welcome(ws: ClientConnection) -> str:
-    async with asyncio.timeout(WAIT):
-        msg = orjson.loads(await ws.recv())
+    msg = await recv(ws)
     assert msg["type"] == "welcome"
     return str(msg["client_id"])
 

@@ -1,4 +1,4 @@
-"""Prometheus metrics: DESIGN.md's names and labels, read from the core's plain counters."""
+"""Prometheus metrics: the names and labels of docs/operations.md, from the core's counters."""
 
 from __future__ import annotations
 

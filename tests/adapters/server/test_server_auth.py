@@ -18,9 +18,9 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from wirestate.adapters.server.service import WirestateServer
 from wirestate.models.settings import Settings
+from wirestate.testing.net import WAIT, recv
 
 SECRET = "s3cret-" + "x" * 40
-WAIT = 10.0
 
 
 def token(**claims: Any) -> str:
@@ -39,12 +39,6 @@ async def server() -> AsyncIterator[WirestateServer]:
     )
     async with WirestateServer(settings) as srv:
         yield srv
-
-
-async def recv(ws: ClientConnection) -> dict[str, Any]:
-    async with asyncio.timeout(WAIT):
-        msg: dict[str, Any] = orjson.loads(await ws.recv())
-    return msg
 
 
 async def test_no_or_bad_token_is_401_and_the_body_never_echoes_it(

@@ -6,12 +6,10 @@ import asyncio
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
-from pathlib import Path
+from collections.abc import AsyncIterator
 from typing import Any
 
 import orjson
@@ -21,54 +19,31 @@ from websockets.exceptions import ConnectionClosed
 
 from wirestate.adapters.server.service import WirestateServer
 from wirestate.models.settings import Settings
-
-WAIT = 10.0  # the bound on every wait: a failure, never a hang
-
-
-def settings(**server: Any) -> Settings:
-    values: dict[str, Any] = {
-        "port": 0,
-        "ping_interval": 0.05,
-        "ping_timeout": 0.1,
-        "close_timeout": 0.5,
-        "loop_stall_threshold": 0.05,
-    }
-    values.update(server)
-    return Settings.model_validate({"server": values})
+from wirestate.testing.net import (
+    WAIT,
+    connected,
+    next_of,
+    recv,
+    serve_process,
+    server_settings,
+    until,
+)
 
 
 @pytest.fixture
-async def hub() -> AsyncIterator[WirestateServer]:
-    server = WirestateServer(settings(), epoch="test")
-    async with server:
-        yield server
-
-
-async def until(predicate: Callable[[], bool]) -> None:
-    """Wait for a condition the test cannot be notified of, with a bound."""
-    async with asyncio.timeout(WAIT):
-        while not predicate():  # noqa: ASYNC110 - counters have no event to wait on
-            await asyncio.sleep(0.005)
-
-
-async def recv(ws: ClientConnection) -> dict[str, Any]:
-    async with asyncio.timeout(WAIT):
-        raw = await ws.recv()
-    msg: dict[str, Any] = orjson.loads(raw)
-    return msg
+async def server() -> AsyncIterator[WirestateServer]:
+    srv = WirestateServer(server_settings(), epoch="test")
+    async with srv:
+        yield srv
 
 
 IDS: dict[ClientConnection, str] = {}
 
 
 async def client(server: WirestateServer, *topics: str) -> ClientConnection:
-    ws = await connect(server.url, compression=None, ping_interval=None)
-    welcome = await recv(ws)
-    assert welcome["type"] == "welcome"
+    """A client of ``server`` (welcome read, ``topics`` subscribed); its id kept in IDS."""
+    ws, welcome = await connected(server.url, *topics)
     IDS[ws] = welcome["client_id"]
-    if topics:
-        await ws.send(orjson.dumps({"type": "subscribe", "topics": list(topics)}).decode())
-        assert (await recv(ws))["type"] == "subscribed"
     return ws
 
 
@@ -78,14 +53,7 @@ async def drain_until_closed(ws: ClientConnection) -> None:
             await recv(ws)
 
 
-async def next_of(ws: ClientConnection, kind: str, **match: Any) -> dict[str, Any]:
-    while True:
-        msg = await recv(ws)
-        if msg["type"] == kind and all(msg.get(k) == v for k, v in match.items()):
-            return msg
-
-
-async def connected(watcher: ClientConnection) -> str:
+async def next_connected(watcher: ClientConnection) -> str:
     """The id of the next client that connects (not the watcher's own retained event)."""
     while True:
         msg = await next_of(watcher, "event", topic="clients")
@@ -105,10 +73,10 @@ async def disconnected(watcher: ClientConnection, client_id: str) -> dict[str, A
 # -- lifecycle over the wire ---------------------------------------------------------------
 
 
-async def test_welcome_then_events_in_order_with_consecutive_seq(hub: WirestateServer) -> None:
-    ws = await client(hub, "orders")
+async def test_welcome_then_events_in_order_with_consecutive_seq(server: WirestateServer) -> None:
+    ws = await client(server, "orders")
     for i in range(20):
-        await hub.publish("orders", {"i": i})
+        await server.publish("orders", {"i": i})
     got = [await next_of(ws, "event", topic="orders") for _ in range(20)]
     assert [m["seq"] for m in got] == list(range(1, 21))
     assert [m["data"]["i"] for m in got] == list(range(20))
@@ -116,10 +84,10 @@ async def test_welcome_then_events_in_order_with_consecutive_seq(hub: WirestateS
     await ws.close()
 
 
-async def test_a_hundred_clients_receive_every_event_in_order(hub: WirestateServer) -> None:
-    clients = await asyncio.gather(*(client(hub, "fan") for _ in range(100)))
+async def test_a_hundred_clients_receive_every_event_in_order(server: WirestateServer) -> None:
+    clients = await asyncio.gather(*(client(server, "fan") for _ in range(100)))
     for i in range(50):
-        await hub.publish("fan", {"i": i})
+        await server.publish("fan", {"i": i})
 
     async def collect(ws: ClientConnection) -> list[int]:
         return [(await next_of(ws, "event", topic="fan"))["seq"] for _ in range(50)]
@@ -129,30 +97,30 @@ async def test_a_hundred_clients_receive_every_event_in_order(hub: WirestateServ
     await asyncio.gather(*(ws.close() for ws in clients))
 
 
-async def test_connections_stay_open_across_many_ping_intervals(hub: WirestateServer) -> None:
-    ws = await client(hub)  # websockets answers protocol pings while it reads
+async def test_connections_stay_open_across_many_ping_intervals(server: WirestateServer) -> None:
+    ws = await client(server)  # websockets answers protocol pings while it reads
     reader = asyncio.create_task(ws.wait_closed())
-    pings = hub.hub.stats.pings if hub.hub else 0
-    await until(lambda: hub.hub is not None and hub.hub.stats.pings >= pings + 20)
+    pings = server.hub.stats.pings if server.hub else 0
+    await until(lambda: server.hub is not None and server.hub.stats.pings >= pings + 20)
     assert not reader.done()
-    assert len(hub.hub.clients) == 1 if hub.hub else False
+    assert len(server.hub.clients) == 1 if server.hub else False
     await ws.close()
     await reader
 
 
 async def test_a_peer_that_never_answers_pings_is_closed_for_keepalive(
-    hub: WirestateServer,
+    server: WirestateServer,
 ) -> None:
-    watcher = await client(hub, "clients")
+    watcher = await client(server, "clients")
     # A raw peer: completes the upgrade, then never reads again, so never pongs.
-    reader, writer = await asyncio.open_connection("127.0.0.1", hub.port)
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
     writer.write(
         b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
         b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
     )
     head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), WAIT)
     assert head.startswith(b"HTTP/1.1 101")
-    silent_id = await connected(watcher)
+    silent_id = await next_connected(watcher)
     started = time.monotonic()
     gone = await disconnected(watcher, silent_id)
     assert gone["cause"] == "keepalive_timeout"
@@ -162,17 +130,17 @@ async def test_a_peer_that_never_answers_pings_is_closed_for_keepalive(
     await watcher.close()
 
 
-async def test_a_stalled_loop_does_not_reap_healthy_peers(hub: WirestateServer) -> None:
-    ws = await client(hub)
+async def test_a_stalled_loop_does_not_reap_healthy_peers(server: WirestateServer) -> None:
+    ws = await client(server)
     waiter = asyncio.create_task(ws.wait_closed())
-    assert hub.hub is not None
-    await until(lambda: hub.hub is not None and hub.hub.stats.pings >= 2)
+    assert server.hub is not None
+    await until(lambda: server.hub is not None and server.hub.stats.pings >= 2)
     for _ in range(3):
         time.sleep(0.4)  # noqa: ASYNC251 - a deliberate stall of the loop: 4x ping_timeout
-        await asyncio.sleep(0.1)
-    await until(lambda: hub.hub is not None and hub.hub.stats.loop_stalls >= 1)
+        await asyncio.sleep(0.1)  # the loop runs between stalls: part of the workload
+    await until(lambda: server.hub is not None and server.hub.stats.loop_stalls >= 1)
     assert not waiter.done(), "a healthy peer was reaped during a stall"
-    assert len(hub.hub.clients) == 1
+    assert len(server.hub.clients) == 1
     await ws.close()
     await waiter
 
@@ -192,24 +160,24 @@ async def test_a_stalled_loop_does_not_reap_healthy_peers(hub: WirestateServer) 
     ],
 )
 async def test_bad_input_gets_an_error_and_the_connection_stays_usable(
-    hub: WirestateServer, frame: str | bytes, code: str
+    server: WirestateServer, frame: str | bytes, code: str
 ) -> None:
-    ws = await client(hub)
-    other = await client(hub, "t")
+    ws = await client(server)
+    other = await client(server, "t")
     await ws.send(frame)
     error = await next_of(ws, "error")
     assert error["code"] == code
     assert "not json" not in error["message"]  # never echoes the input
     await ws.send('{"type": "ping", "id": "still-here"}')
     assert (await next_of(ws, "pong"))["id"] == "still-here"
-    await hub.publish("t", 1)
+    await server.publish("t", 1)
     assert (await next_of(other, "event"))["seq"] == 1
     await ws.close()
     await other.close()
 
 
-async def test_repeated_abuse_closes_with_1008(hub: WirestateServer) -> None:
-    ws = await client(hub)
+async def test_repeated_abuse_closes_with_1008(server: WirestateServer) -> None:
+    ws = await client(server)
     for _ in range(5):
         await ws.send("{not json")
     await drain_until_closed(ws)
@@ -224,7 +192,7 @@ async def test_an_oversized_frame_closes_with_1009() -> None:
     async with server:
         watcher = await client(server, "clients")
         ws = await client(server)
-        big_id = await connected(watcher)
+        big_id = await next_connected(watcher)
         await ws.send("x" * 4096)
         await drain_until_closed(ws)
         assert ws.close_code == 1009
@@ -237,7 +205,7 @@ async def test_an_oversized_frame_closes_with_1009() -> None:
 
 
 async def test_a_slow_consumer_is_cut_off_without_delaying_the_others() -> None:
-    server = WirestateServer(settings(send_queue_size=8, ping_interval=5.0), epoch="slow")
+    server = WirestateServer(server_settings(send_queue_size=8, ping_interval=5.0), epoch="slow")
     async with server:
         fast = await client(server, "big")
         slow = await client(server, "big")
@@ -274,26 +242,26 @@ async def http(port: int, method: str, path: str, body: bytes = b"") -> tuple[in
     return int(head.split()[1]), rest
 
 
-async def test_http_endpoints_beside_ws(hub: WirestateServer) -> None:
-    ws = await client(hub, "orders")
-    status, body = await http(hub.port, "GET", "/healthz")
+async def test_http_endpoints_beside_ws(server: WirestateServer) -> None:
+    ws = await client(server, "orders")
+    status, body = await http(server.port, "GET", "/healthz")
     assert (status, orjson.loads(body)) == (200, {"status": "ok"})
-    status, body = await http(hub.port, "GET", "/readyz")
+    status, body = await http(server.port, "GET", "/readyz")
     assert status == 200
     status, body = await http(
-        hub.port, "POST", "/publish", orjson.dumps({"topic": "orders", "data": {"id": 7}})
+        server.port, "POST", "/publish", orjson.dumps({"topic": "orders", "data": {"id": 7}})
     )
     assert (status, orjson.loads(body)) == (200, {"seq": 1})
     event = await next_of(ws, "event", topic="orders")
     assert event["data"] == {"id": 7}
-    status, body = await http(hub.port, "POST", "/publish", b"{oops")
+    status, body = await http(server.port, "POST", "/publish", b"{oops")
     assert status == 400
     assert orjson.loads(body)["error"] == "bad_json"
     status, body = await http(
-        hub.port, "POST", "/publish", orjson.dumps({"topic": "clients", "data": 1})
+        server.port, "POST", "/publish", orjson.dumps({"topic": "clients", "data": 1})
     )
     assert status == 403
-    status, body = await http(hub.port, "GET", "/metrics")
+    status, body = await http(server.port, "GET", "/metrics")
     assert status == 200
     for name in (
         "wirestate_connections",
@@ -317,7 +285,7 @@ async def test_http_endpoints_beside_ws(hub: WirestateServer) -> None:
 
 
 async def test_stop_closes_every_client_with_1001() -> None:
-    server = WirestateServer(settings(), epoch="stop")
+    server = WirestateServer(server_settings(), epoch="stop")
     await server.start()
     clients = [await client(server, "t") for _ in range(5)]
     await server.stop()
@@ -329,61 +297,24 @@ async def test_stop_closes_every_client_with_1001() -> None:
     assert server.hub.clients == {}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@contextlib.asynccontextmanager
-async def served(
-    *flags: str,
-) -> AsyncIterator[tuple[subprocess.Popen[bytes], ClientConnection, list[dict[str, Any]]]]:
-    """`wirestate serve` in a child process with JSON logs: yields the process, a client
-    connected to it (its welcome read) and the log records, filled once the child has
-    exited; the body must make it exit (SIGTERM), with status 0."""
-    port = _free_port()
-    exe = Path(sys.executable).with_name("wirestate")
-    proc = subprocess.Popen(  # noqa: ASYNC220 - started once, waited on in a thread
-        [str(exe), "serve", "--port", str(port), "--log-format", "json", *flags],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
-    logs: list[dict[str, Any]] = []
-    try:
-        ws = None
-        async with asyncio.timeout(WAIT):
-            while ws is None:
-                try:
-                    ws = await connect(f"ws://127.0.0.1:{port}/ws", ping_interval=None)
-                except OSError:
-                    await asyncio.sleep(0.05)
-        assert (await recv(ws))["type"] == "welcome"
-        yield proc, ws, logs
-        assert await asyncio.to_thread(proc.wait, WAIT) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
-        assert proc.stderr is not None
-        logs += [orjson.loads(line) for line in proc.stderr.read().splitlines() if line.strip()]
-
-
 async def test_sigterm_closes_clients_with_1001_and_exits_0() -> None:
-    async with served() as (proc, ws, logs):
-        proc.send_signal(signal.SIGTERM)
+    async with serve_process() as served:
+        ws, _ = await connected(served.url)
+        served.proc.send_signal(signal.SIGTERM)
         await asyncio.wait_for(ws.wait_closed(), WAIT)
         assert ws.close_code == 1001
+        assert await served.exited() == 0
     assert any(
-        line.get("msg") == "disconnected" and line.get("cause") == "shutdown" for line in logs
+        line.get("msg") == "disconnected" and line.get("cause") == "shutdown"
+        for line in served.logs
     )
 
 
 # -- sources -------------------------------------------------------------------------------
 
 
-async def test_the_builtin_system_status_source_is_served(hub: WirestateServer) -> None:
-    ws = await client(hub, "system_status")
+async def test_the_builtin_system_status_source_is_served(server: WirestateServer) -> None:
+    ws = await client(server, "system_status")
     event = await next_of(ws, "event", topic="system_status")
     assert {"cpu", "memory", "load", "uptime"} <= set(event["data"])
     assert event["data"]["memory"]["total"] > 0
@@ -473,23 +404,23 @@ async def test_an_http_source_opens_its_breaker_serves_stale_and_recovers() -> N
             await ws.close()
 
 
-async def test_the_client_command_against_the_real_server(hub: WirestateServer) -> None:
+async def test_the_client_command_against_the_real_server(server: WirestateServer) -> None:
     import io
 
     from wirestate.adapters.tools import cli
 
     out = io.StringIO()
-    argv = ["client", hub.url, "--topic", "orders", "--count", "2", "--json"]
+    argv = ["client", server.url, "--topic", "orders", "--count", "2", "--json"]
     running = asyncio.create_task(asyncio.to_thread(cli.main, argv, out))
     await until(
         lambda: (
-            hub.hub is not None
-            and "orders" in hub.hub.topics
-            and len(hub.hub.topics["orders"].subscribers) == 1
+            server.hub is not None
+            and "orders" in server.hub.topics
+            and len(server.hub.topics["orders"].subscribers) == 1
         )
     )
-    await hub.publish("orders", {"id": 1})
-    await hub.publish("orders", {"id": 2})
+    await server.publish("orders", {"id": 1})
+    await server.publish("orders", {"id": 2})
     assert await asyncio.wait_for(running, WAIT) == 0
     lines = [orjson.loads(line) for line in out.getvalue().splitlines()]
     assert [m["data"]["id"] for m in lines if m.get("type") == "event"] == [1, 2]
@@ -498,13 +429,13 @@ async def test_the_client_command_against_the_real_server(hub: WirestateServer) 
     assert summary["close_cause"] == "client_close"
 
 
-async def test_frames_of_every_length_class_arrive_intact(hub: WirestateServer) -> None:
+async def test_frames_of_every_length_class_arrive_intact(server: WirestateServer) -> None:
     """The server encodes an event's frame once for all recipients: 7-bit, 16-bit and
     64-bit payload lengths (RFC 6455 section 5.2) must all parse at the client."""
-    a, b = await client(hub, "sizes"), await client(hub, "sizes")
+    a, b = await client(server, "sizes"), await client(server, "sizes")
     blobs = ["s", "m" * 1000, "l" * 70_000]
     for blob in blobs:
-        await hub.publish("sizes", {"blob": blob})
+        await server.publish("sizes", {"blob": blob})
     for ws in (a, b):
         got = [(await next_of(ws, "event", topic="sizes"))["data"]["blob"] for _ in blobs]
         assert got == blobs
@@ -513,21 +444,21 @@ async def test_frames_of_every_length_class_arrive_intact(hub: WirestateServer) 
 
 @pytest.mark.parametrize(("code", "reason"), [(1000, ""), (1001, "bye"), (4000, "app")])
 async def test_a_peer_close_is_recorded_with_the_peers_code(
-    hub: WirestateServer, code: int, reason: str
+    server: WirestateServer, code: int, reason: str
 ) -> None:
-    watcher = await client(hub, "clients")
-    ws = await client(hub)
-    peer_id = await connected(watcher)
+    watcher = await client(server, "clients")
+    ws = await client(server)
+    peer_id = await next_connected(watcher)
     await ws.close(code, reason)
     gone = await disconnected(watcher, peer_id)
     assert (gone["cause"], gone["code"]) == ("peer_close", code)
     await watcher.close()
 
 
-async def test_a_dropped_tcp_connection_is_a_read_error(hub: WirestateServer) -> None:
-    watcher = await client(hub, "clients")
-    ws = await client(hub)
-    peer_id = await connected(watcher)
+async def test_a_dropped_tcp_connection_is_a_read_error(server: WirestateServer) -> None:
+    watcher = await client(server, "clients")
+    ws = await client(server)
+    peer_id = await next_connected(watcher)
     ws.transport.abort()  # no close frame: the server sees the socket end
     gone = await disconnected(watcher, peer_id)
     assert gone["cause"] == "read_error"
@@ -598,10 +529,10 @@ async def test_connection_limits_refuse_the_upgrade(
 
 
 async def test_events_published_in_one_loop_iteration_leave_in_one_write(
-    hub: WirestateServer,
+    server: WirestateServer,
 ) -> None:
-    ws = await client(hub, "burst")
-    (session,) = hub.sessions.values()
+    ws = await client(server, "burst")
+    (session,) = server.sessions.values()
     transport = session.transport.ws.transport  # type: ignore[attr-defined]
     writes: list[bytes] = []
     real_write = transport.write
@@ -612,7 +543,7 @@ async def test_events_published_in_one_loop_iteration_leave_in_one_write(
 
     transport.write = counting_write  # type: ignore[method-assign]
     for i in range(5):  # no await between them: one loop iteration
-        hub.publish_now("burst", {"i": i})
+        server.publish_now("burst", {"i": i})
     got = [await recv(ws) for _ in range(5)]
     assert [m["seq"] for m in got] == [1, 2, 3, 4, 5]
     assert len(writes) == 1  # five frames, one transport write
@@ -621,21 +552,25 @@ async def test_events_published_in_one_loop_iteration_leave_in_one_write(
 
 async def test_serve_runs_on_uvloop_when_asked() -> None:
     pytest.importorskip("uvloop")
-    async with served("--loop", "uvloop") as (proc, ws, logs):
+    async with serve_process("--loop", "uvloop") as served:
+        ws, _ = await connected(served.url)
         await ws.close()
-        proc.send_signal(signal.SIGTERM)
-    assert any(line.get("msg") == "listening" and line.get("loop") == "uvloop" for line in logs)
+        served.proc.send_signal(signal.SIGTERM)
+        assert await served.exited() == 0
+    assert any(
+        line.get("msg") == "listening" and line.get("loop") == "uvloop" for line in served.logs
+    )
 
 
 async def test_a_fan_out_yields_between_chunks_and_late_clients_get_more_per_write(
-    hub: WirestateServer, monkeypatch: pytest.MonkeyPatch
+    server: WirestateServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from wirestate.adapters.server import service as service_module
 
     monkeypatch.setattr(service_module, "FLUSH_CHUNK", 2)
-    socks = [await client(hub, "fan") for _ in range(4)]
+    socks = [await client(server, "fan") for _ in range(4)]
     writes: dict[str, int] = {}
-    for cid, session in hub.sessions.items():
+    for cid, session in server.sessions.items():
         transport = session.transport.ws.transport  # type: ignore[attr-defined]
         real = transport.write
 
@@ -644,10 +579,10 @@ async def test_a_fan_out_yields_between_chunks_and_late_clients_get_more_per_wri
             real(data)
 
         transport.write = counting  # type: ignore[method-assign]
-    hub.publish_now("fan", 1)
+    server.publish_now("fan", 1)
     await asyncio.sleep(0)  # the flush reaches the first two clients, then lets us run
     assert sorted(writes.values()) == [1, 1]
-    hub.publish_now("fan", 2)
+    server.publish_now("fan", 2)
     for ws in socks:
         assert [(await recv(ws))["data"] for _ in range(2)] == [1, 2]
     # The first two got the events in two writes; the last two, reached after the second

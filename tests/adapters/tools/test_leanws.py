@@ -7,8 +7,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
-import socket
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import orjson
@@ -20,33 +19,13 @@ from wirestate.adapters.server.service import WirestateServer
 from wirestate.adapters.tools import leanws
 from wirestate.adapters.tools.leanws import HandshakeError, LeanConnection, connect
 from wirestate.models.settings import Settings
-
-WAIT = 10.0  # the bound on every wait: a failure, never a hang
-
-
-def settings(**server: Any) -> Settings:
-    values: dict[str, Any] = {
-        "port": 0,
-        "ping_interval": 0.05,
-        "ping_timeout": 0.1,
-        "close_timeout": 0.5,
-        "loop_stall_threshold": 0.05,
-    }
-    values.update(server)
-    return Settings.model_validate({"server": values})
+from wirestate.testing.net import WAIT, free_port, server_settings, until
 
 
 @pytest.fixture
-async def hub() -> AsyncIterator[WirestateServer]:
-    async with WirestateServer(settings(), epoch="lean") as server:
-        yield server
-
-
-async def until(predicate: Callable[[], bool]) -> None:
-    """Wait for a condition the test cannot be notified of, with a bound."""
-    async with asyncio.timeout(WAIT):
-        while not predicate():  # noqa: ASYNC110 - counters have no event to wait on
-            await asyncio.sleep(0.005)
+async def server() -> AsyncIterator[WirestateServer]:
+    async with WirestateServer(server_settings(), epoch="lean") as srv:
+        yield srv
 
 
 class Inbox:
@@ -92,16 +71,16 @@ async def ended(conn: LeanConnection) -> tuple[int | None, str]:
 # -- against the wirestate server --------------------------------------------------------
 
 
-async def test_welcome_subscribe_events_and_a_clean_close(hub: WirestateServer) -> None:
+async def test_welcome_subscribe_events_and_a_clean_close(server: WirestateServer) -> None:
     inbox = Inbox()
-    conn = await lean(hub.port, inbox)
+    conn = await lean(server.port, inbox)
     welcome = await inbox.next_json()
     assert welcome["type"] == "welcome"
     assert welcome["protocol"] == 1
     conn.send_text(b'{"type": "subscribe", "topics": ["orders"]}')
     assert (await inbox.next_json())["type"] == "subscribed"
     for i in range(3):
-        await hub.publish("orders", {"id": i})
+        await server.publish("orders", {"id": i})
     events = [await inbox.next_json() for _ in range(3)]
     assert [(e["type"], e["seq"], e["data"]["id"]) for e in events] == [
         ("event", 1, 0),
@@ -116,31 +95,31 @@ async def test_welcome_subscribe_events_and_a_clean_close(hub: WirestateServer) 
     assert inbox.closes == [(1000, "")]
     assert not conn.open
     conn.send_text("ignored after the close")  # no error: a no-op once closed
-    await until(lambda: hub.hub is not None and not hub.hub.clients)
+    await until(lambda: server.hub is not None and not server.hub.clients)
 
 
 async def test_server_pings_are_answered_so_the_connection_stays_open(
-    hub: WirestateServer,
+    server: WirestateServer,
 ) -> None:
-    assert hub.hub is not None
+    assert server.hub is not None
     inbox = Inbox()
-    conn = await lean(hub.port, inbox)
+    conn = await lean(server.port, inbox)
     await inbox.next()  # welcome
-    pings = hub.hub.stats.pings
+    pings = server.hub.stats.pings
     # ping_interval 0.05 s, ping_timeout 0.1 s: an unanswered ping would close it with 1011.
-    await until(lambda: hub.hub is not None and hub.hub.stats.pings >= pings + 20)
+    await until(lambda: server.hub is not None and server.hub.stats.pings >= pings + 20)
     assert conn.open
     assert not conn.closed.done()
-    assert len(hub.hub.clients) == 1
+    assert len(server.hub.clients) == 1
     conn.close()
     assert await ended(conn) == (1000, "")
 
 
-async def test_the_servers_close_code_and_cause_are_surfaced(hub: WirestateServer) -> None:
+async def test_the_servers_close_code_and_cause_are_surfaced(server: WirestateServer) -> None:
     inbox = Inbox()
-    conn = await lean(hub.port, inbox)
+    conn = await lean(server.port, inbox)
     await inbox.next()
-    await hub.stop()
+    await server.stop()
     assert await ended(conn) == (1001, "shutdown")
     assert inbox.closes == [(1001, "shutdown")]
 
@@ -244,11 +223,8 @@ async def test_non_101_answers_and_bad_accepts_are_refused() -> None:
 
 
 async def test_refused_and_timed_out_connects() -> None:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        free_port = probe.getsockname()[1]
     with pytest.raises(ConnectionRefusedError):
-        await lean(free_port, Inbox())
+        await lean(free_port(), Inbox())
 
     silent: list[asyncio.StreamWriter] = []
 

@@ -20,8 +20,9 @@ import orjson
 import pytest
 
 from wirestate.adapters.server.service import WirestateServer
-from wirestate.adapters.tools import cli, leanws, loadtest
+from wirestate.adapters.tools import cli, leanws
 from wirestate.adapters.tools.loadtest import LoadTestOptions, execute
+from wirestate.adapters.tools.loadtest import run as loadtest_run
 from wirestate.adapters.tools.loadtest.client import Client, Shared
 from wirestate.models.settings import Settings
 
@@ -58,7 +59,7 @@ async def run_json(
 async def test_a_clean_run_delivers_everything(
     server: WirestateServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(loadtest, "PROGRESS_EVERY", 0.05)
+    monkeypatch.setattr(loadtest_run, "PROGRESS_EVERY", 0.05)
     out, err = io.StringIO(), Tty()
     options = LoadTestOptions(url=server.url, clients=20, duration=1.0, rate=20)
     async with asyncio.timeout(WAIT):

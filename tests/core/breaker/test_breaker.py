@@ -1,6 +1,6 @@
-"""BREAKER.md scenarios S01-S33 on the pure breaker with a fake clock, plus table checks.
+"""docs/breaker.md's scenarios S01-S33 on the pure breaker with a fake clock, plus table checks.
 
-Background B (BREAKER.md): breaker "src-A" with failure_threshold=5, reset_timeout=300,
+Background B (docs/breaker.md): breaker "src-A" with failure_threshold=5, reset_timeout=300,
 success_threshold=1, half_open_max_calls=1, call_timeout=30; polls every 60 s; the cache is
 primed with v0 fetched at t=-60. F = the fetch raises UpstreamError, anything else = the fetch
 returns that value.

@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +25,7 @@ from wirestate.adapters.server.transports.asgi import WirestateASGI, disconnect_
 from wirestate.core.causes import CloseCause
 from wirestate.core.lifecycle import PUMPS, ConnState
 from wirestate.models.settings import Settings
+from wirestate.testing.net import WAIT, connected, next_of, server_settings, until
 
 pytestmark = [
     # uvicorn's legacy "websockets" implementation, tested beside its default, says it is
@@ -34,28 +35,9 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore:The `websockets` implementation is deprecated"),
 ]
 
-WAIT = 10.0  # the bound on every wait: a failure, never a hang
 SECRET = "s3cret-" + "x" * 40
 #: uvicorn's WebSocket implementations (wsproto is not installed); "auto" picks the first.
 IMPLEMENTATIONS = ("websockets-sansio", "websockets")
-
-
-def settings(limits: dict[str, Any] | None = None, **server: Any) -> Settings:
-    values: dict[str, Any] = {
-        "ping_interval": 0.05,
-        "ping_timeout": 0.1,
-        "close_timeout": 0.5,
-        "loop_stall_threshold": 0.05,
-    }
-    values.update(server)
-    return Settings.model_validate({"server": values, "limits": limits or {}})
-
-
-async def until(predicate: Callable[[], bool]) -> None:
-    """Wait for a condition the test cannot be notified of, with a bound."""
-    async with asyncio.timeout(WAIT):
-        while not predicate():  # noqa: ASYNC110 - counters have no event to wait on
-            await asyncio.sleep(0.005)
 
 
 @contextlib.asynccontextmanager
@@ -98,34 +80,15 @@ class Served:
 @pytest.fixture(params=IMPLEMENTATIONS)
 async def mounted(request: pytest.FixtureRequest) -> AsyncIterator[Served]:
     """Mounted at /hub in Starlette, started by the parent's lifespan."""
-    hub = WirestateASGI(settings())
+    hub = WirestateASGI(server_settings())
     app = Starlette(routes=[Mount("/hub", app=hub)], lifespan=hub.lifespan)
     async with serve(app, ws=request.param) as port:
         yield Served(hub, port, "/hub")
 
 
-async def recv(ws: ClientConnection) -> dict[str, Any]:
-    async with asyncio.timeout(WAIT):
-        raw = await ws.recv()
-    msg: dict[str, Any] = orjson.loads(raw)
-    return msg
-
-
-async def next_of(ws: ClientConnection, kind: str, **match: Any) -> dict[str, Any]:
-    while True:
-        msg = await recv(ws)
-        if msg["type"] == kind and all(msg.get(k) == v for k, v in match.items()):
-            return msg
-
-
 async def client(url: str, *topics: str, **options: Any) -> tuple[ClientConnection, str]:
-    """A connected client (the welcome read) and its id."""
-    ws = await connect(url, compression=None, ping_interval=None, **options)
-    welcome = await recv(ws)
-    assert welcome["type"] == "welcome"
-    if topics:
-        await ws.send(orjson.dumps({"type": "subscribe", "topics": list(topics)}).decode())
-        assert (await next_of(ws, "subscribed"))["topics"] == list(topics)
+    """A connected client (the welcome read, ``topics`` subscribed) and its id."""
+    ws, welcome = await connected(url, *topics, **options)
     return ws, str(welcome["client_id"])
 
 
@@ -264,7 +227,7 @@ async def test_repeated_abuse_closes_with_1008(mounted: Served) -> None:
 
 
 async def test_an_oversized_frame_closes_with_1009() -> None:
-    hub = WirestateASGI(settings(limits={"max_message_size": 1024}))
+    hub = WirestateASGI(server_settings({"limits": {"max_message_size": 1024}}))
     async with serve(hub) as port:
         url = f"ws://127.0.0.1:{port}/ws"
         watcher, _ = await client(url, "clients")
@@ -341,7 +304,7 @@ def watch_unregister(app: WirestateASGI) -> list[tuple[str, CloseCause | None, b
 
 
 async def test_the_reader_ending_does_not_unregister_while_the_writer_runs() -> None:
-    hub = WirestateASGI(settings(close_timeout=5.0))
+    hub = WirestateASGI(server_settings(close_timeout=5.0))
     gate, held = asyncio.Event(), asyncio.Event()
     async with hub.running(), serve(held_sends(hub, gate, held), lifespan="off") as port:
         seen = watch_unregister(hub)
@@ -363,7 +326,7 @@ async def test_the_reader_ending_does_not_unregister_while_the_writer_runs() -> 
 
 
 async def test_a_peer_that_stops_reading_is_cut_off_after_the_close_timeout() -> None:
-    hub = WirestateASGI(settings(close_timeout=0.2, ping_interval=30.0))
+    hub = WirestateASGI(server_settings(close_timeout=0.2, ping_interval=30.0))
     gate, held = asyncio.Event(), asyncio.Event()
     async with hub.running(), serve(held_sends(hub, gate, held), lifespan="off") as port:
         seen = watch_unregister(hub)
@@ -381,7 +344,7 @@ async def test_a_peer_that_stops_reading_is_cut_off_after_the_close_timeout() ->
 async def test_a_writer_blocked_past_ping_timeout_is_a_keepalive_timeout() -> None:
     # ping_timeout (0.1 s) well under the send's bound (close_timeout, 1 s): the blocked
     # writer cannot answer the core's ping in time, as on the websockets transport.
-    hub = WirestateASGI(settings(close_timeout=1.0))
+    hub = WirestateASGI(server_settings(close_timeout=1.0))
     gate, held = asyncio.Event(), asyncio.Event()
     async with hub.running(), serve(held_sends(hub, gate, held), lifespan="off") as port:
         seen = watch_unregister(hub)
@@ -394,7 +357,7 @@ async def test_a_writer_blocked_past_ping_timeout_is_a_keepalive_timeout() -> No
 
 
 async def test_a_stuck_reader_is_cancelled_by_the_cores_abort() -> None:
-    hub = WirestateASGI(settings(close_timeout=0.2, ping_interval=30.0))
+    hub = WirestateASGI(server_settings(close_timeout=0.2, ping_interval=30.0))
     async with hub.running(), serve(endless_receive(hub), lifespan="off") as port:
         seen = watch_unregister(hub)
         ws, cid = await client(f"ws://127.0.0.1:{port}/ws")
@@ -411,7 +374,7 @@ async def test_a_stuck_reader_is_cancelled_by_the_cores_abort() -> None:
 
 
 async def test_the_cores_pings_are_answered_so_a_quiet_client_stays_open() -> None:
-    hub = WirestateASGI(settings())  # the core pings every 50 ms, pong due within 100 ms
+    hub = WirestateASGI(server_settings())  # the core pings every 50 ms, pong due within 100 ms
     async with serve(hub, ws_ping_interval=None) as port:  # uvicorn's keep-alive off
         ws, _ = await client(f"ws://127.0.0.1:{port}/ws")
         closed = asyncio.create_task(ws.wait_closed())
@@ -426,7 +389,7 @@ async def test_the_cores_pings_are_answered_so_a_quiet_client_stays_open() -> No
 
 
 async def test_a_peer_that_never_answers_pings_is_dropped_by_the_servers_keepalive() -> None:
-    hub = WirestateASGI(settings())
+    hub = WirestateASGI(server_settings())
     async with serve(hub, ws_ping_interval=0.05, ws_ping_timeout=0.05) as port:
         watcher, _ = await client(f"ws://127.0.0.1:{port}/ws", "clients")  # answers pings
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
@@ -452,7 +415,7 @@ async def test_a_peer_that_never_answers_pings_is_dropped_by_the_servers_keepali
 
 
 async def test_leaving_running_closes_every_client_with_1001() -> None:
-    hub = WirestateASGI(settings())
+    hub = WirestateASGI(server_settings())
     app = Starlette(routes=[Mount("/hub", app=hub)])
     async with serve(app) as port:
         url = f"ws://127.0.0.1:{port}/hub/ws"
@@ -472,7 +435,7 @@ async def test_leaving_running_closes_every_client_with_1001() -> None:
 
 
 async def test_served_alone_the_asgi_lifespan_starts_and_stops_the_hub() -> None:
-    hub = WirestateASGI(settings())
+    hub = WirestateASGI(server_settings())
     async with serve(hub) as port:
         assert hub.server.hub is not None
         ws, _ = await client(f"ws://127.0.0.1:{port}/ws", "t")
@@ -484,7 +447,7 @@ async def test_served_alone_the_asgi_lifespan_starts_and_stops_the_hub() -> None
 
 
 async def test_before_it_is_started_every_request_is_503_not_started() -> None:
-    hub = WirestateASGI(settings())
+    hub = WirestateASGI(server_settings())
     app = Starlette(routes=[Mount("/hub", app=hub)])  # nobody starts it
     async with serve(app) as port:
         async with httpx.AsyncClient(timeout=WAIT) as http:
@@ -590,7 +553,7 @@ async def test_first_message_auth() -> None:
 async def test_connection_limits_refuse_the_upgrade(
     limits: dict[str, int], status: int, reason: str
 ) -> None:
-    hub = WirestateASGI(settings(limits=limits))
+    hub = WirestateASGI(server_settings({"limits": limits}))
     async with serve(hub) as port:
         url = f"ws://127.0.0.1:{port}/ws"
         first, second = (await client(url))[0], (await client(url))[0]
@@ -641,7 +604,7 @@ def scope(kind: str, path: str, local: str, **extra: Any) -> dict[str, Any]:
 async def test_open_mode_refuses_requests_that_arrived_on_a_non_loopback_address(
     local: str, status: int
 ) -> None:
-    hub = WirestateASGI(settings())
+    hub = WirestateASGI(server_settings())
     async with hub.running():
         http = Exchange({"type": "http.request", "body": b""})
         await hub(scope("http", "/healthz", local), http.receive, http.send)
