@@ -91,11 +91,20 @@ class BusState:
         for name, link in self.links.items():
             if not link.attached:
                 continue
-            if topics[name].subscribers:
+            topic = topics.get(name)
+            if topic is not None and topic.subscribers:
                 out[name] = link.cursor
             else:
                 link.attached = False
         return out
+
+    def forget(self, topics: Iterable[str]) -> None:
+        """The hub dropped ``topics``: their links go too (the node's state for a topic must
+        not outlive it), except one that still holds events to reconcile."""
+        for name in topics:
+            link = self.links.get(name)
+            if link is not None and not link.pending and not link.skipped:
+                del self.links[name]
 
     def attach(
         self, topic: str, epoch: str, seq: int, events: Iterable[tuple[int, bytes, str]], now: float

@@ -13,7 +13,9 @@ from enum import IntEnum, StrEnum
 class CloseCode(IntEnum):
     NORMAL = 1000
     GOING_AWAY = 1001  # server shutdown
+    PROTOCOL_ERROR = 1002  # a frame that breaks RFC 6455 (the protocol layer decides)
     ABNORMAL = 1006  # no close frame (never sent on the wire; reported by the transport)
+    INVALID_DATA = 1007  # a text frame that is not UTF-8 (RFC 6455 section 8.1: fail it)
     POLICY_VIOLATION = 1008  # auth, origin, repeated bad input, rate
     MESSAGE_TOO_BIG = 1009
     INTERNAL_ERROR = 1011  # keep-alive timeout or internal error
@@ -30,6 +32,8 @@ class CloseCause(StrEnum):
     POLICY = "policy"
     AUTH_EXPIRED = "auth_expired"
     SHUTDOWN = "shutdown"
+    PROTOCOL_ERROR = "protocol_error"
+    INVALID_UTF8 = "invalid_utf8"
 
 
 #: The close code the server sends for each cause it initiates. Causes the peer or the
@@ -44,6 +48,16 @@ CLOSE_CODE: dict[CloseCause, CloseCode] = {
     CloseCause.POLICY: CloseCode.POLICY_VIOLATION,
     CloseCause.AUTH_EXPIRED: CloseCode.POLICY_VIOLATION,
     CloseCause.SHUTDOWN: CloseCode.GOING_AWAY,
+    CloseCause.PROTOCOL_ERROR: CloseCode.PROTOCOL_ERROR,
+    CloseCause.INVALID_UTF8: CloseCode.INVALID_DATA,
+}
+
+#: Closes the protocol layer decides itself, by the code it fails the connection with: the
+#: close frame carries the cause as its reason, and the reader reports it.
+PROTOCOL_CLOSES: dict[int, CloseCause] = {
+    CloseCode.PROTOCOL_ERROR: CloseCause.PROTOCOL_ERROR,
+    CloseCode.INVALID_DATA: CloseCause.INVALID_UTF8,
+    CloseCode.MESSAGE_TOO_BIG: CloseCause.MESSAGE_TOO_BIG,
 }
 
 
@@ -65,6 +79,7 @@ class ErrorCode(StrEnum):
     FORBIDDEN = "forbidden"
     RATE_LIMITED = "rate_limited"
     TOO_MANY_TOPICS = "too_many_topics"
+    TOPIC_LIMIT = "topic_limit"
 
 
 class OverflowPolicy(StrEnum):

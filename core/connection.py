@@ -30,6 +30,7 @@ class Connection:
     __slots__ = (
         "accepting",
         "bad_inputs",
+        "buffered",
         "cause",
         "client_id",
         "close_code",
@@ -42,11 +43,13 @@ class Connection:
         "owed",
         "ping_sent_at",
         "pong_deadline",
+        "queued_bytes",
         "rtt",
         "state",
         "tokens",
         "tokens_at",
         "topics",
+        "writable",
     )
 
     def __init__(self, client_id: str, now: float) -> None:
@@ -62,6 +65,9 @@ class Connection:
         # empty deque costs ~600 bytes more per connection (10,000 idle connections: 6 MB).
         self.outbox: list[Event | bytes] = []
         self.owed: dict[str, list[list[int]]] | None = None  # gap ranges owed per topic
+        self.queued_bytes = 0  # bytes of the frames in the outbox
+        self.buffered = 0  # bytes its transport still held at the last write (the adapter's)
+        self.writable = False  # its transport took writes without waiting, at the last write
         # Shared and empty until the first subscription: an empty set costs 216 bytes, and
         # many connections (dashboards, publishers, idle clients) never subscribe.
         self.topics: set[str] | frozenset[str] = NO_TOPICS

@@ -43,9 +43,17 @@ from wirestate.core.lifecycle import CLOSING_STATES, PUMPS, ConnState
 from wirestate.core.lifecycle import ENGINE as LIFECYCLE
 from wirestate.core.machine import Engine
 from wirestate.core.timers import CLOSE, PING, Timers
-from wirestate.core.topics import Event, Topic
+from wirestate.core.topics import Event, Topic, TopicLimit, Topics
 
-__all__ = ["BUILTIN_TOPICS", "PROTOCOL_VERSION", "Connection", "Hub", "HubConfig", "HubStats"]
+__all__ = [
+    "BUILTIN_TOPICS",
+    "PROTOCOL_VERSION",
+    "Connection",
+    "Hub",
+    "HubConfig",
+    "HubStats",
+    "TopicLimit",
+]
 
 S = ConnState
 PROTOCOL_VERSION: Final = 1
@@ -74,8 +82,13 @@ class HubConfig:
     overflow: Mapping[str, OverflowPolicy] = field(default_factory=dict)
     #: may clients publish with the ``publish`` message (auth may narrow this per client)
     client_publish: bool = True
-    #: topics only the server publishes on (sources add theirs)
+    #: topics only the server publishes on (sources add theirs); never dropped or refused
     reserved_topics: frozenset[str] = BUILTIN_TOPICS
+    #: topics the hub holds at most: creating one more is refused with ``topic_limit``
+    max_topics: int = 100_000
+    #: bytes queued for one client (its outbox plus what its transport still buffers) past
+    #: which it is a slow consumer
+    max_pending_bytes: int = 1_048_576
 
     def __post_init__(self) -> None:
         for name in ("ping_interval", "ping_timeout", "close_timeout", "history_max_age"):
@@ -84,7 +97,14 @@ class HubConfig:
                 raise ValueError(f"{name} must be > 0, got {value!r}")
         if not self.messages_per_second > 0:
             raise ValueError(f"messages_per_second must be > 0, got {self.messages_per_second!r}")
-        for name in ("send_queue_size", "max_subscriptions", "bad_input_limit", "rate_limit_grace"):
+        for name in (
+            "send_queue_size",
+            "max_subscriptions",
+            "bad_input_limit",
+            "rate_limit_grace",
+            "max_topics",
+            "max_pending_bytes",
+        ):
             value = getattr(self, name)
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value!r}")
@@ -114,6 +134,11 @@ class HubStats:
     epoch_changes: int = 0  # topics whose live subscribers were moved to another epoch
 
 
+def _size(entry: bytes | Event) -> int:
+    """The bytes an outbox entry puts on the wire (its frame's payload)."""
+    return len(entry) if isinstance(entry, bytes) else len(entry.frame)
+
+
 class Hub:
     """The pure hub. Not thread-safe; one per event loop.
 
@@ -137,13 +162,22 @@ class Hub:
         self.epoch = epoch
         self.wall_offset = wall_offset
         self.clients: dict[str, Connection] = {}  # the registry
-        self.topics: dict[str, Topic] = {}
+        cfg = self.config
+        self.topics = Topics(
+            epoch,
+            history_size=cfg.history_size,
+            max_age=cfg.history_max_age,
+            max_topics=cfg.max_topics,
+            policy=cfg.policy,
+            keep=cfg.reserved_topics,
+        )
         self.stats = HubStats()
         self.timers = Timers(
             self.config.ping_interval, self.config.ping_timeout, self.config.close_timeout
         )
         self._actions: list[Action] = []
         self._ready: list[str] = []
+        self._urgent: list[str] = []
         self._stamp = frames.WallStamp()
 
     # -- outputs -------------------------------------------------------------------------
@@ -168,10 +202,24 @@ class Hub:
         out, self._ready = self._ready, []
         return out
 
+    def take_urgent(self) -> list[str]:
+        """Drain the ids of clients whose outbox went past ``send_queue_size`` while their
+        transport was taking writes (a burst): write to them now rather than at the end of
+        the loop iteration, or the burst would make readers look slow. May repeat an id."""
+        out, self._urgent = self._urgent, []
+        return out
+
+    def take_dropped(self) -> list[str]:
+        """Drain the names of the topics dropped since the last call (idle and empty)."""
+        return self.topics.take_dropped()
+
     def next_deadline(self) -> float | None:
         """When ``tick`` should next be called; None when no timer is armed. It may be
         early (a timer since cancelled); a tick then does nothing."""
-        return self.timers.next_deadline()
+        timers, topics = self.timers.next_deadline(), self.topics.next_deadline()
+        if timers is None:
+            return topics
+        return timers if topics is None else min(timers, topics)
 
     def oldest_queued_at(self, conn: Connection) -> float | None:
         """When the oldest event still in the client's outbox was published (``now`` of
@@ -214,6 +262,7 @@ class Hub:
                     out.append(frames.gap(topic, lo, hi, GapReason.SLOW_CONSUMER))
             conn.owed = None
         q.clear()
+        conn.queued_bytes = 0
         self.stats.sent += len(out)
         return out
 
@@ -287,6 +336,15 @@ class Hub:
         """A protocol pong arrived. Unsolicited pongs are ignored (RFC 6455 section 5.5.3)."""
         self.timers.pong(conn, now)
 
+    def written(self, conn: Connection, buffered: int, writable: bool) -> None:
+        """The adapter wrote to the client: ``buffered`` bytes still wait in its transport
+        (they count against ``max_pending_bytes``), and ``writable`` says whether the
+        transport takes more without waiting (below its high-water mark). While it does, a
+        burst may take the outbox past ``send_queue_size``: the client is reading, and the
+        adapter writes to it at once (``take_urgent``)."""
+        conn.buffered = buffered
+        conn.writable = writable
+
     def admit(self, conn: Connection, now: float) -> bool:
         """Call for every inbound message before handling it; False means drop it.
 
@@ -339,6 +397,8 @@ class Hub:
                 now,
             )
             return
+        if not self.admits_topics(conn, wanted, now):
+            return
         since = since or {}
         recovered: dict[str, bool] = {}
         epochs: dict[str, str] = {}
@@ -356,6 +416,8 @@ class Hub:
         )
         for topic, entries in plans:
             if conn.cause is not None:  # an overflow while queueing began the close
+                for left, _ in plans:
+                    self.topics.watch(left, now)  # created for nobody: let them age out
                 return
             topic.subscribers[conn.client_id] = conn
             if conn.topics.__class__ is not set:
@@ -364,6 +426,20 @@ class Hub:
             for entry in entries:
                 self._queue(conn, entry, now)
 
+    def admits_topics(self, conn: Connection, names: Iterable[str], now: float) -> bool:
+        """Whether the topics of ``names`` that do not exist yet may be created within
+        ``max_topics``; if not, the client is told ``topic_limit`` and nothing changes. A
+        subscription through a bus asks this before the bus attaches the topics."""
+        topics = self.topics
+        missing = sum(1 for n in names if n not in topics and n not in topics.keep)
+        if not missing or topics.counted() + missing <= topics.max_topics:
+            return True
+        topics.refused += 1
+        self._error(
+            conn, ErrorCode.TOPIC_LIMIT, f"this hub holds at most {topics.max_topics} topics", now
+        )
+        return False
+
     def unsubscribe(self, conn: Connection, topics: Iterable[str], now: float) -> None:
         """Stop events of ``topics``; events of them still queued are withdrawn."""
         if not conn.accepting:
@@ -371,7 +447,10 @@ class Hub:
         conn.bad_inputs = 0
         gone = conn.topics.intersection(topics)
         for name in gone:
-            del self.topics[name].subscribers[conn.client_id]
+            topic = self.topics[name]
+            del topic.subscribers[conn.client_id]
+            if not topic.subscribers:
+                self.topics.watch(topic, now)
             if conn.owed:
                 conn.owed.pop(name, None)
         conn.topics -= gone
@@ -381,6 +460,7 @@ class Hub:
                 for e in conn.outbox
                 if e.__class__ is bytes or e.topic not in gone  # type: ignore[union-attr]
             ]
+            conn.queued_bytes = sum(map(_size, conn.outbox))
 
     def app_ping(self, conn: Connection, ping_id: str | None, now: float) -> None:
         """The application-level ``ping`` (browsers cannot send protocol pings); the
@@ -393,7 +473,7 @@ class Hub:
 
     def client_publish(self, conn: Connection, topic: str, data: Any, now: float) -> int | None:
         """A client's ``publish`` message; returns the seq, or None when refused."""
-        if not self.may_publish(conn, topic, now):
+        if not self.may_publish(conn, topic, now) or not self.admits_topics(conn, (topic,), now):
             return None
         return self.publish(topic, data, now)
 
@@ -423,7 +503,8 @@ class Hub:
         """Publish an event to every subscriber of the topic; returns its seq.
 
         ``data`` must be JSON-serializable (``TypeError`` otherwise, before anything
-        changes). Never waits: a full outbox is handled by the topic's overflow policy."""
+        changes). Raises `TopicLimit` when the topic does not exist and ``max_topics`` do.
+        Never waits: a full outbox is handled by the topic's overflow policy."""
         body = frames.dumps(data).decode()
         topic = self._topic(topic_name)
         seq = topic.seq + 1
@@ -493,9 +574,14 @@ class Hub:
         """Append one sequenced event to the topic's history and every subscriber's outbox."""
         event = Event(topic.name, seq, now, frame)
         topic.append(event, self.config.history_max_age)
+        topics = self.topics
+        topics.watch(topic, now)
+        topics.touched(topic.name)
         self.stats.published += 1
 
-        limit = self.config.send_queue_size
+        cfg = self.config
+        limit = cfg.send_queue_size
+        budget = cfg.max_pending_bytes - len(frame)
         ready = self._ready
         closing = 0
         for conn in topic.subscribers.values():
@@ -504,8 +590,9 @@ class Hub:
                 continue
             q = conn.outbox
             n = len(q)
-            if n < limit:
+            if n < limit and conn.queued_bytes + conn.buffered <= budget:
                 q.append(event)
+                conn.queued_bytes += len(frame)
                 if not n:
                     ready.append(conn.client_id)
             else:
@@ -516,7 +603,10 @@ class Hub:
     # -- time ----------------------------------------------------------------------------
 
     def tick(self, now: float) -> None:
-        """Fire every timer due at ``now``: pings, pong deadlines, close timeouts."""
+        """Fire every timer due at ``now``: pings, pong deadlines, close timeouts, and the
+        topics' aging (history and retained values past ``history_max_age``, idle empty
+        topics dropped)."""
+        self.topics.sweep(now)
         for kind, conn in self.timers.due(now, self.clients):
             if kind == PING:
                 self._actions.append(Ping(conn.client_id))
@@ -552,11 +642,15 @@ class Hub:
             # The writer is gone: what it never wrote is lost, and counted.
             self.stats.dropped["closed"] += len(conn.outbox)
             conn.outbox.clear()
+            conn.queued_bytes = 0
             conn.owed = None
         if after is S.UNREGISTERED and self.clients.get(conn.client_id) is conn:
             del self.clients[conn.client_id]
             for name in conn.topics:
-                self.topics[name].subscribers.pop(conn.client_id, None)
+                topic = self.topics[name]
+                topic.subscribers.pop(conn.client_id, None)
+                if not topic.subscribers:
+                    self.topics.watch(topic, now)
             cause = conn.cause.value if conn.cause else None
             self.stats.disconnects[cause or "unknown"] += 1
             self.publish(
@@ -572,11 +666,10 @@ class Hub:
             )
 
     def _topic(self, name: str) -> Topic:
+        """The topic, created if need be (`TopicLimit` past ``max_topics``)."""
         topic = self.topics.get(name)
         if topic is None:
-            cfg = self.config
-            topic = Topic(name, self.epoch, cfg.history_size, cfg.policy(name))
-            self.topics[name] = topic
+            topic = self.topics.create(name)
         return topic
 
     def _error(self, conn: Connection, code: ErrorCode, message: str, now: float) -> None:
@@ -593,10 +686,18 @@ class Hub:
             return
         q = conn.outbox
         n = len(q)
-        if n < self.config.send_queue_size:
+        size = _size(entry)
+        cfg = self.config
+        if n < cfg.send_queue_size and conn.queued_bytes + conn.buffered + size <= (
+            cfg.max_pending_bytes
+        ):
             q.append(entry)
+            conn.queued_bytes += size
             if not n:
                 self._ready.append(conn.client_id)
+        elif self._takes_burst(conn, size):
+            q.append(entry)
+            conn.queued_bytes += size
         elif entry.__class__ is bytes:
             # A client that will not read its own replies is a slow consumer.
             self.stats.dropped["slow_consumer"] += 1
@@ -605,32 +706,58 @@ class Hub:
             topic = self.topics[entry.topic]  # type: ignore[union-attr]
             self._overflow(conn, topic, entry, now)  # type: ignore[arg-type]
 
+    def _takes_burst(self, conn: Connection, size: int) -> bool:
+        """Past ``send_queue_size``, whether the client still takes ``size`` more bytes: it
+        does while its transport takes writes and it is within ``max_pending_bytes``, so a
+        burst arriving at once spares a client that reads (the adapter writes at once)."""
+        if conn.writable and conn.queued_bytes + conn.buffered + size <= (
+            self.config.max_pending_bytes
+        ):
+            self._urgent.append(conn.client_id)
+            return True
+        return False
+
     def _overflow(self, conn: Connection, topic: Topic, event: Event, now: float) -> None:
-        """The outbox is full: apply the topic's policy. Lossy policies owe a ``gap``."""
+        """The outbox is full (by count or by bytes): a burst to a reading client is taken;
+        otherwise the topic's policy applies. Lossy policies owe a ``gap``."""
+        size = len(event.frame)
+        if self._takes_burst(conn, size):
+            conn.outbox.append(event)
+            conn.queued_bytes += size
+            return
         policy = topic.policy
         self.stats.dropped["slow_consumer"] += 1
         if policy is OverflowPolicy.DISCONNECT:
             self._fire(conn, "close", now, cause=CloseCause.SLOW_CONSUMER)
             return
         q = conn.outbox
-        victim: Event | None = None
-        if policy is OverflowPolicy.KEEP_LATEST:
-            for e in q:
-                if e.__class__ is not bytes and e.topic == topic.name:  # type: ignore[union-attr]
-                    victim = e  # type: ignore[assignment]
-                    break
-        if victim is None:
-            for e in q:
-                if e.__class__ is not bytes:
-                    victim = e  # type: ignore[assignment]
-                    break
-        if victim is None:
-            # Only control frames queued: the new event itself is the loss.
-            self._owe(conn, event.topic, event.seq)
-            return
-        q.remove(victim)
-        self._owe(conn, victim.topic, victim.seq)
+        budget = self.config.max_pending_bytes - conn.buffered - size
+        limit = self.config.send_queue_size
+        keep_latest = topic.name if policy is OverflowPolicy.KEEP_LATEST else None
+        while len(q) >= limit or conn.queued_bytes > budget:
+            victim = self._victim(q, keep_latest)
+            if victim is None:
+                # Only control frames queued: the new event itself is the loss.
+                self._owe(conn, event.topic, event.seq)
+                return
+            q.remove(victim)
+            conn.queued_bytes -= len(victim.frame)
+            self._owe(conn, victim.topic, victim.seq)
         q.append(event)
+        conn.queued_bytes += size
+
+    @staticmethod
+    def _victim(q: list[Event | bytes], topic: str | None) -> Event | None:
+        """The event to drop from a full outbox: the oldest of ``topic`` when given
+        (``keep_latest``), else the oldest event."""
+        if topic is not None:
+            for e in q:
+                if e.__class__ is not bytes and e.topic == topic:  # type: ignore[union-attr]
+                    return e  # type: ignore[return-value]
+        for e in q:
+            if e.__class__ is not bytes:
+                return e  # type: ignore[return-value]
+        return None
 
     def _owe(self, conn: Connection, topic: str, seq: int) -> None:
         if conn.owed is None:

@@ -102,7 +102,14 @@ class ServerSettings(_Section):
     #: Seconds a pong may take; later, the client is closed with 1011 keepalive_timeout.
     ping_timeout: Seconds = 10.0
     #: Messages per client outbox; what happens when it is full is the topic's overflow policy.
+    #: A burst that arrives at once may pass it while the client's connection takes writes.
     send_queue_size: Count = 256
+    #: Bytes queued for one client (its outbox plus what its connection still buffers) past
+    #: which it is a slow consumer, whatever the count.
+    max_pending_bytes: Count = 1_048_576
+    #: Seconds a connection may take to complete its upgrade (or an HTTP request); later it
+    #: is dropped.
+    open_timeout: Seconds = 10.0
     #: Bound on closing → unregistered, stuck pumps included (lifecycle invariant 5).
     close_timeout: Seconds = 5.0
     #: PEM certificate chain.
@@ -118,7 +125,7 @@ class ServerSettings(_Section):
     #: 'wirestate[fast]'`), whose transports cost less per write (bench/README.md).
     loop: Literal["asyncio", "uvloop"] = "asyncio"
     #: `wirestate serve` only: tune the cyclic GC for many long-lived connections after
-    #: start-up (`gc.freeze()`, a young generation of 10,000; see `server.tune_gc`).
+    #: start-up (`gc.freeze()`, a young generation of 10,000; see `cli.tune_gc`).
     gc_tune: bool = True
 
     @model_validator(mode="after")
@@ -257,8 +264,14 @@ class LimitsSettings(_Section):
     max_subscriptions: Count = 100
     #: Bytes per inbound frame; beyond it, close 1009.
     max_message_size: Count = 65536
-    #: Inbound messages per second per client (token bucket).
+    #: Inbound messages per second per client (token bucket); protocol pings count too.
     messages_per_second: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 50.0
+    #: Topics this node holds at most (built-in and source topics aside); creating one more
+    #: is refused with topic_limit (HTTP 503 on POST /publish).
+    max_topics: Count = 100_000
+    #: Upgrades in flight at once (connected, not yet upgraded or answered); beyond it a
+    #: new connection is closed at accept.
+    max_handshakes: Count = 1000
 
 
 class HistorySettings(_Section):

@@ -29,6 +29,7 @@ names).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -222,10 +223,52 @@ class Ping(_Message):
     id: _Id | None = None
 
 
+#: The deepest nesting of a publish's ``data`` (arrays and objects): well within what the
+#: JSON encoder writes back (254 levels) and the parser reads (about 200).
+MAX_DEPTH = 128
+#: Integers an event's data may hold: what the encoder writes exactly (64 bits, signed or not).
+INT_RANGE = (-(2**63), 2**64 - 1)
+#: Why a publish's data was refused: the same fixed text on every transport.
+DATA_RULE = (
+    "data must be JSON the hub can send on: finite numbers, integers within 64 bits, "
+    f"nesting at most {MAX_DEPTH} levels"
+)
+
+
+def portable(value: Any) -> bool:
+    """Whether ``value`` (parsed JSON) can go out as an event exactly as it came in: no
+    infinite or NaN number (a parser reads ``1e400`` as infinity; JSON has no such value),
+    no integer beyond 64 bits (the encoder refuses it), no nesting deeper than
+    `MAX_DEPTH`. Iterative: a hostile depth costs no recursion."""
+    low, high = INT_RANGE
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        kind = type(item)
+        if kind is float:
+            if item != item or item in (math.inf, -math.inf):
+                return False
+        elif kind is int:
+            if not low <= item <= high:
+                return False
+        elif kind is list or kind is dict:
+            if depth > MAX_DEPTH:
+                return False
+            children = item.values() if kind is dict else item
+            stack.extend((child, depth + 1) for child in children)
+    return True
+
+
+def _portable(value: JsonValue) -> JsonValue:
+    if not portable(value):
+        raise ValueError(DATA_RULE)
+    return value
+
+
 class Publish(_Message):
     type: Literal["publish"] = "publish"
     topic: Topic
-    data: JsonValue
+    data: Annotated[JsonValue, AfterValidator(_portable)]
 
 
 class Auth(_Message):
@@ -377,6 +420,8 @@ def _invalid(error: ErrorDetails) -> WireError:
         return WireError(ErrorCode.INVALID_MESSAGE, "message does not match its type")
     if kind == "missing":
         return WireError(ErrorCode.INVALID_MESSAGE, f"missing field {field!r}")
+    if kind == "value_error" and field == "data":
+        return WireError(ErrorCode.INVALID_MESSAGE, DATA_RULE)
     return WireError(ErrorCode.INVALID_MESSAGE, f"invalid value for field {field!r}")
 
 

@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import socket
 import sys
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,15 +24,23 @@ from websockets.asyncio.client import ClientConnection, connect
 from wirestate.models.settings import Settings
 
 __all__ = [
+    "BINARY",
+    "CLOSE",
+    "PING",
+    "TEXT",
     "WAIT",
     "Served",
     "connected",
+    "frame",
     "free_port",
     "next_of",
+    "raw_upgrade",
+    "read_frame",
     "recv",
     "serve_process",
     "server_settings",
     "until",
+    "until_true",
 ]
 
 #: The bound on every wait: generous for a loaded CI machine, never reached when passing.
@@ -61,6 +69,16 @@ async def until(predicate: Callable[[], Any], bound: float = WAIT) -> None:
     async with asyncio.timeout(bound):
         while not predicate():  # noqa: ASYNC110 - state with no event to wait on
             await asyncio.sleep(0.005)
+
+
+async def until_true(
+    predicate: Callable[[], Awaitable[Any]], bound: float = WAIT, every: float = 0.02
+) -> None:
+    """`until` for a condition that must be asked for (another process's state: Redis's
+    expiry, a child's /readyz), every ``every`` seconds, for ``bound`` seconds at most."""
+    async with asyncio.timeout(bound):
+        while not await predicate():  # noqa: ASYNC110 - another process: nothing to be told
+            await asyncio.sleep(every)
 
 
 async def recv(ws: ClientConnection, bound: float = WAIT) -> dict[str, Any]:
@@ -122,11 +140,21 @@ class Served:
 
 
 @contextlib.asynccontextmanager
-async def serve_process(*flags: str, bound: float = WAIT) -> AsyncIterator[Served]:
+async def serve_process(
+    *flags: str, bound: float = WAIT, soft_nofile: int | None = None
+) -> AsyncIterator[Served]:
     """Run ``wirestate serve --port 0 --log-format json`` plus ``flags`` in a child process
     and yield it once its ``listening`` line says where. On exit the child is killed if it
-    is still running, and its remaining log lines are read."""
+    is still running, and its remaining log lines are read. ``soft_nofile`` starts the
+    child with that soft limit on open descriptors."""
     exe = Path(sys.executable).with_name("wirestate")
+
+    def limit() -> None:  # runs in the child, before exec
+        import resource
+
+        _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft_nofile, hard))
+
     proc = await asyncio.create_subprocess_exec(
         str(exe),
         "serve",
@@ -137,6 +165,7 @@ async def serve_process(*flags: str, bound: float = WAIT) -> AsyncIterator[Serve
         *flags,
         stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.PIPE,
+        preexec_fn=limit if soft_nofile is not None else None,
     )
     assert proc.stderr is not None
     logs: list[dict[str, Any]] = []
@@ -166,3 +195,63 @@ async def serve_process(*flags: str, bound: float = WAIT) -> AsyncIterator[Serve
         await proc.wait()
         if reader is not None:
             await asyncio.wait_for(reader, bound)
+
+
+# -- a raw WebSocket peer, for hostile tests ------------------------------------------------
+
+
+def frame(opcode: int, payload: bytes, *, fin: bool = True, rsv: int = 0) -> bytes:
+    """A masked client frame (RFC 6455 section 5.2), any opcode, reserved bits as given:
+    what a well-behaved client library would never let a test send."""
+    head = bytes([(0x80 if fin else 0) | (rsv << 4) | opcode])
+    n = len(payload)
+    if n < 126:
+        head += bytes([0x80 | n])
+    elif n < 65536:
+        head += bytes([0x80 | 126]) + n.to_bytes(2, "big")
+    else:
+        head += bytes([0x80 | 127]) + n.to_bytes(8, "big")
+    key = b"\x00\x00\x00\x00"  # a zero mask: the payload goes as it is, still masked
+    return head + key + payload
+
+
+TEXT, BINARY, CLOSE, PING = 0x1, 0x2, 0x8, 0x9
+
+
+async def raw_upgrade(
+    port: int, path: str = "/ws", *, rcvbuf: int | None = None, headers: str = ""
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, bytes]:
+    """A TCP connection to 127.0.0.1:``port`` upgraded to WebSocket by hand; returns the
+    streams and the response head. ``rcvbuf`` shrinks the socket's receive buffer (a peer
+    that stops reading then stops the server's writes sooner)."""
+    sock = None
+    if rcvbuf is not None:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
+        reader, writer = await asyncio.open_connection(sock=sock, limit=rcvbuf)
+    else:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(
+        (
+            f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
+            "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+            f"Sec-WebSocket-Version: 13\r\n{headers}\r\n"
+        ).encode()
+    )
+    async with asyncio.timeout(WAIT):
+        head = await reader.readuntil(b"\r\n\r\n")
+    return reader, writer, head
+
+
+async def read_frame(reader: asyncio.StreamReader, bound: float = WAIT) -> tuple[int, bytes]:
+    """The next server frame (unmasked): (opcode, payload)."""
+    async with asyncio.timeout(bound):
+        first, second = await reader.readexactly(2)
+        n = second & 0x7F
+        if n == 126:
+            n = int.from_bytes(await reader.readexactly(2), "big")
+        elif n == 127:
+            n = int.from_bytes(await reader.readexactly(8), "big")
+        return first & 0x0F, await reader.readexactly(n)

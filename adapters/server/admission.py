@@ -39,6 +39,7 @@ class RefusalReason(StrEnum):
     MAX_CONNECTIONS_PER_IP = "max_connections_per_ip"
     ORIGIN = "origin"
     AUTH = "auth"
+    MAX_HANDSHAKES = "max_handshakes"  # too many upgrades in flight: dropped at accept
     NOT_STARTED = "not_started"  # an ASGI app asked before its lifespan started the hub
     OPEN_MODE = "open_mode"  # open mode reached on a non-loopback address (ASGI)
 

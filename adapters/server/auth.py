@@ -33,7 +33,6 @@ Rules:
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -223,8 +222,18 @@ def _grants(claims: dict[str, Any], now: float) -> Grants:
     return Grants(sub=sub, expires_at=float(exp), subscribe=subscribe, publish=publish)
 
 
+#: The latest time a claim may name (9999-12-31T23:59:59Z): an ``exp`` of ``10**400`` is
+#: absurd, and no float can even hold it.
+MAX_TIME: Final = 253_402_300_799
+
+
 def _is_time(value: object) -> TypeGuard[int | float]:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    # Compared, not converted: float(10**400) raises, and NaN compares false both ways.
+    return (
+        isinstance(value, int | float)
+        and not isinstance(value, bool)
+        and -MAX_TIME <= value <= MAX_TIME
+    )
 
 
 def _patterns(value: object) -> tuple[str, ...]:

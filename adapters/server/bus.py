@@ -9,6 +9,12 @@ is not node-local (the built-in topics and the sources' topics stay per node):
   stream ``wirestate:{topic}:stream`` capped at the history size (``XADD ... MAXLEN``)
   whose entry ids are ``<seq>-0``. A publish is one Lua script (numbering and append are
   atomic), so a seq means the same event on every node and a client resumes on any node.
+- Both keys age like a node's history (``[history] max_age``): each entry carries Redis's
+  own time (``w``, milliseconds), every script that writes or reads a topic first trims
+  the entries that old (a bounded scan of the oldest) and sets both keys to expire after
+  ``max_age``. A topic nobody publishes to and nobody reads expires whole; a node keeps
+  the topics it reads alive (``TOUCH``, every third of ``max_age``). A topic Redis forgot
+  comes back in a new epoch: a resume across it is told ``epoch_changed``.
 - Publishes from this node go through one task, in order, pipelined in batches.
 - One reader task reads, with a blocking ``XREAD``, the streams of the topics that have a
   subscriber here, from each one's cursor, and hands the entries to the core
@@ -60,6 +66,41 @@ RETRY_PAUSE = 0.05
 START_WAIT = 3.0
 
 _SEED = """
+local function clock()
+  local now = redis.call('TIME')
+  return tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+end
+
+-- Trim the entries at least maxage ms old (a bounded scan of the oldest: each entry is
+-- trimmed once, so the cost stays bounded per call) and make both keys expire with age.
+local function age(kmeta, kstream, now, maxage)
+  local oldest = redis.call('XRANGE', kstream, '-', '+', 'COUNT', 64)
+  local keep = nil
+  local last = nil
+  for _, entry in ipairs(oldest) do
+    local w = nil
+    for i = 1, #entry[2], 2 do
+      if entry[2][i] == 'w' then w = tonumber(entry[2][i + 1]) end
+    end
+    if w == nil or w > now - maxage then
+      keep = entry[1]
+      break
+    end
+    last = entry[1]
+  end
+  if last then
+    if keep then
+      redis.call('XTRIM', kstream, 'MINID', keep)
+    else
+      redis.call('XTRIM', kstream, 'MINID', (tonumber(string.match(last, '^(%d+)')) + 1) .. '-0')
+    end
+  end
+  redis.call('PEXPIRE', kmeta, maxage)
+  if redis.call('EXISTS', kstream) == 1 then
+    redis.call('PEXPIRE', kstream, maxage)
+  end
+end
+
 local function meta(kmeta, kstream, candidate)
   local epoch = redis.call('HGET', kmeta, 'epoch')
   local seq = tonumber(redis.call('HGET', kmeta, 'seq') or '0')
@@ -75,27 +116,44 @@ local function meta(kmeta, kstream, candidate)
 end
 """
 
-# KEYS: meta, stream. ARGV: cap, candidate epoch, body, ts. Returns the seq.
+# KEYS: meta, stream. ARGV: cap, candidate epoch, body, ts, max age (ms). Returns the seq.
 PUBLISH = (
     _SEED
     + """
 meta(KEYS[1], KEYS[2], ARGV[2])
 local seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
-redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[1], seq .. '-0', 'd', ARGV[3], 't', ARGV[4])
+local now = clock()
+redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[1], seq .. '-0', 'd', ARGV[3], 't', ARGV[4],
+           'w', now)
+age(KEYS[1], KEYS[2], now, tonumber(ARGV[5]))
 return seq
 """
 )
 
-# KEYS: meta, stream. ARGV: cap, candidate epoch. Returns {epoch, seq, newest entries}.
+# KEYS: meta, stream. ARGV: cap, candidate epoch, max age (ms). Returns {epoch, seq, newest
+# entries}: only entries younger than the max age.
 ATTACH = (
     _SEED
     + """
 local epoch, seq = meta(KEYS[1], KEYS[2], ARGV[2])
+age(KEYS[1], KEYS[2], clock(), tonumber(ARGV[3]))
 return {epoch, seq, redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', ARGV[1])}
 """
 )
 
-# KEYS: meta, stream. ARGV: cap, node epoch, base, skipped, n, then n pairs body, ts.
+# KEYS: meta, stream. ARGV: max age (ms). A topic read here stays alive (and is trimmed).
+TOUCH = (
+    _SEED
+    + """
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  age(KEYS[1], KEYS[2], clock(), tonumber(ARGV[1]))
+end
+return 1
+"""
+)
+
+# KEYS: meta, stream. ARGV: cap, node epoch, base, skipped, n, max age (ms), then n pairs
+# body, ts.
 # Returns {status, epoch, start, end}: see wirestate.core.bus.
 RECONCILE = (
     _SEED
@@ -112,13 +170,15 @@ else
   status = 'moved'
 end
 local start = seq
+local now = clock()
 seq = seq + tonumber(ARGV[4])
 for i = 0, tonumber(ARGV[5]) - 1 do
   seq = seq + 1
-  redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[1], seq .. '-0', 'd', ARGV[6 + 2 * i],
-             't', ARGV[7 + 2 * i])
+  redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[1], seq .. '-0', 'd', ARGV[7 + 2 * i],
+             't', ARGV[8 + 2 * i], 'w', now)
 end
 redis.call('HSET', KEYS[1], 'seq', seq)
+age(KEYS[1], KEYS[2], now, tonumber(ARGV[6]))
 return {status, epoch, start, seq}
 """
 )
@@ -180,6 +240,9 @@ class MemoryBus:
     def submit(self, topic: str, data: Any) -> None:
         raise AssertionError("the memory bus carries no topic")  # pragma: no cover
 
+    def forget(self, topics: list[str]) -> None:
+        return None
+
     def status(self) -> dict[str, Any]:
         return {"kind": "memory", "up": True}
 
@@ -198,8 +261,12 @@ class RedisBus:
         breaker: BreakerConfig,
         on_transition: Callable[[StateChanged], None] | None = None,
         node: str | None = None,
+        max_age: float = 600.0,
     ) -> None:
+        """``max_age``: seconds a topic's entries (and, idle, its keys) live in Redis, the
+        history's ``max_age``."""
         self._host = host
+        self._max_age_ms = max(1, int(max_age * 1000))
         self._url = url
         self.local_topics = local_topics
         self.node = node or secrets.token_hex(4)
@@ -241,12 +308,18 @@ class RedisBus:
         self._reader_redis = Redis.from_url(
             self._url, socket_timeout=None, single_connection_client=True, **common
         )
-        for name, text in (("publish", PUBLISH), ("attach", ATTACH), ("reconcile", RECONCILE)):
+        for name, text in (
+            ("publish", PUBLISH),
+            ("attach", ATTACH),
+            ("reconcile", RECONCILE),
+            ("touch", TOUCH),
+        ):
             self._scripts[name] = self._redis.register_script(text)
         loop = asyncio.get_running_loop()
         self._tasks = [
             loop.create_task(self._link(), name="wirestate-bus-link"),
             loop.create_task(self._publisher(), name="wirestate-bus-publisher"),
+            loop.create_task(self._toucher(), name="wirestate-bus-toucher"),
         ]
         # Ready (and able to attach) once the first connection is confirmed; a node that
         # cannot reach Redis at start keeps serving locally and says so on /readyz.
@@ -348,7 +421,7 @@ class RedisBus:
                 for topic, body, ts, _ in batch:
                     await script(
                         keys=[meta_key(topic), stream_key(topic)],
-                        args=[cap, epoch, body, ts],
+                        args=[cap, epoch, body, ts, self._max_age_ms],
                         client=pipe,
                     )
                 seqs = await pipe.execute()
@@ -404,7 +477,7 @@ class RedisBus:
             for topic in topics:
                 await script(
                     keys=[meta_key(topic), stream_key(topic)],
-                    args=[state.cap, secrets.token_hex(4)],
+                    args=[state.cap, secrets.token_hex(4), self._max_age_ms],
                     client=pipe,
                 )
             replies = await pipe.execute()
@@ -421,6 +494,35 @@ class RedisBus:
             await redis.xadd(self._wake_key, {"w": b"1"}, maxlen=1)
         except LINK_ERRORS as exc:
             self._lost(exc)
+
+    async def _toucher(self) -> None:
+        """Keep the topics read here alive in Redis, and trimmed by age, while they have a
+        subscriber here: every third of ``max_age``, one pipelined TOUCH each."""
+        every = self._max_age_ms / 3000
+        while True:
+            await asyncio.sleep(every)
+            state = self._need_state()
+            reading = [name for name, link in state.links.items() if link.attached]
+            if not state.up or not reading:
+                continue
+            script = self._scripts["touch"]
+            try:
+                async with self._need_redis().pipeline(transaction=False) as pipe:
+                    for topic in reading:
+                        await script(
+                            keys=[meta_key(topic), stream_key(topic)],
+                            args=[self._max_age_ms],
+                            client=pipe,
+                        )
+                    await pipe.execute()
+            except LINK_ERRORS:
+                continue  # the link task notices and recovers; nothing to keep alive meanwhile
+
+    def forget(self, topics: list[str]) -> None:
+        """The hub dropped these topics (idle and empty): forget what this node knew of
+        them on the bus, unless it still owes the bus events published during an outage."""
+        if self.state is not None:
+            self.state.forget(topics)
 
     @property
     def _wake_key(self) -> str:
@@ -500,7 +602,7 @@ class RedisBus:
             async with redis.pipeline(transaction=False) as pipe:
                 for plan in plans:
                     args: list[Any] = [state.cap, plan.epoch, plan.base, plan.skipped]
-                    args.append(len(plan.events))
+                    args += [len(plan.events), self._max_age_ms]
                     for body, ts in plan.events:
                         args += [body, ts]
                     await script(

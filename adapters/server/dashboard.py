@@ -283,8 +283,11 @@ def snapshot(
         out["disconnects"] = _disconnects(hub, now)
     if visible(BREAKER_TOPIC):
         out["breakers"] = _breakers(pollers, bus_breaker, now)
-    topics = [t for name, t in hub.topics.items() if visible(name)]
-    out["topics"] = _topics(topics, now)
+    # Only recently published topics are read (at most `RECENT`, however many topics the
+    # hub holds): the busiest ones are among them, and the newest events are theirs.
+    held = hub.topics
+    topics = [held[name] for name in reversed(held.recent) if visible(name)]
+    out["topics"] = _topics(topics, now, total=len(held))
     out["events"] = _tail(topics, now)
     return out
 
@@ -395,8 +398,9 @@ def _breakers(
     return out
 
 
-def _topics(topics: list[Topic], now: float) -> dict[str, Any]:
-    """The busiest topics first (then by name), capped at `MAX_TOPICS`."""
+def _topics(topics: list[Topic], now: float, total: int) -> dict[str, Any]:
+    """The busiest of ``topics`` (the recently published ones) first, then by name, capped
+    at `MAX_TOPICS`; ``total`` is how many topics the hub holds."""
     rated = sorted(((_rate(t, now), t) for t in topics), key=lambda p: (-(p[0] or 0.0), p[1].name))
     rows = [
         {
@@ -410,7 +414,7 @@ def _topics(topics: list[Topic], now: float) -> dict[str, Any]:
         }
         for rate, t in rated[:MAX_TOPICS]
     ]
-    return {"total": len(rated), "shown": len(rows), "rows": rows}
+    return {"total": total, "considered": len(rated), "shown": len(rows), "rows": rows}
 
 
 def _rate(topic: Topic, now: float) -> float | None:

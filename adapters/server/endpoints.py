@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Any
 
-import orjson
+import pydantic_core
 from pydantic import TypeAdapter, ValidationError
 
 from wirestate.adapters.server.auth import AuthError
@@ -27,6 +27,7 @@ from wirestate.adapters.server.routes import (
     error_response,
     json_response,
 )
+from wirestate.core.hub import TopicLimit
 from wirestate.models import wire
 
 if TYPE_CHECKING:
@@ -78,13 +79,17 @@ class Endpoints:
         except AuthError as exc:
             return error_response(401, "unauthorized", f"a valid token is required ({exc.reason})")
         try:
-            body = orjson.loads(request.body)
-        except orjson.JSONDecodeError:
+            # The parser the WebSocket path uses too (exact integers, the same depth limit):
+            # one rule for what a publish may carry, whichever way it comes.
+            body = pydantic_core.from_json(request.body)
+        except ValueError:
             return error_response(400, "bad_json", "the body is not valid JSON")
         if not isinstance(body, dict) or set(body) != {"topic", "data"}:
             return error_response(
                 400, "invalid_message", 'send {"topic": "<name>", "data": <any JSON>}'
             )
+        if not wire.portable(body["data"]):
+            return error_response(400, "bad_json", wire.DATA_RULE)
         try:
             topic = _TOPIC.validate_python(body["topic"])
         except ValidationError:
@@ -102,6 +107,10 @@ class Endpoints:
             )
         try:
             seq = await service.publish(topic, body["data"])
+        except TopicLimit:
+            return error_response(
+                503, "topic_limit", f"this hub holds at most {hub.topics.max_topics} topics"
+            )
         except BusUnavailable:
             return error_response(
                 503, "unavailable", "the node is stopping; publish on another node"

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import Final
 
 from prometheus_client import (
@@ -41,7 +42,7 @@ from wirestate.adapters.server.routes import HttpRequest, HttpResponse
 from wirestate.core.causes import CloseCause
 from wirestate.core.hub import HubStats
 
-__all__ = ["CONTENT_TYPE", "LAG_BUCKETS", "LATENCY_BUCKETS", "Metrics"]
+__all__ = ["CONTENT_TYPE", "LAG_BUCKETS", "LATENCY_BUCKETS", "Levels", "Metrics"]
 
 #: The Prometheus text format version `render` produces.
 CONTENT_TYPE: Final = "text/plain; version=0.0.4; charset=utf-8"
@@ -57,14 +58,24 @@ LAG_BUCKETS: Final = (
 )  # fmt: skip
 
 
+@dataclass(frozen=True)
+class Levels:
+    """Counts the server keeps outside the hub's stats, read at scrape time."""
+
+    topics: int = 0  # wirestate_topics
+    topics_refused: int = 0  # wirestate_topics_refused_total
+    handshakes: int = 0  # wirestate_handshakes_in_flight
+
+
 class Metrics:
     """The metrics of one server.
 
     ``stats`` returns the hub's live `HubStats` (or None before the hub exists: every
     counter then reads 0); ``connections`` returns the number of connections per lifecycle
-    state. Both are called at scrape time only. ``drop_reasons`` are exported at 0 before
-    their first drop (every `CloseCause` is, for disconnects), so ``rate()`` works from the
-    first scrape.
+    state. Both are called at scrape time only, as is ``levels``, which returns `Levels`
+    (the server's own counts: topics, refusals, upgrades in flight). ``drop_reasons`` are
+    exported at 0 before their first drop (every `CloseCause` is, for disconnects), so
+    ``rate()`` works from the first scrape.
     """
 
     def __init__(
@@ -73,10 +84,12 @@ class Metrics:
         connections: Callable[[], Mapping[str, int]],
         *,
         drop_reasons: Iterable[str] = (),
+        levels: Callable[[], Levels] | None = None,
     ) -> None:
         self.registry = CollectorRegistry()
         self._stats = stats
         self._connections = connections
+        self._levels = levels or Levels
         self._drop_reasons = tuple(drop_reasons)
         # Breaker metrics are rare events kept in plain dicts and exported by the same
         # collector, so they carry no ``_created`` series and need no label bookkeeping.
@@ -144,6 +157,21 @@ class Metrics:
         for state, count in sorted(self._connections().items()):
             connections.add_metric([state], count)
         yield connections
+
+        levels = self._levels()
+        yield GaugeMetricFamily(
+            "wirestate_topics", "Topics this node holds ([limits] max_topics).", value=levels.topics
+        )
+        yield CounterMetricFamily(
+            "wirestate_topics_refused",
+            "Topic creations refused at [limits] max_topics (error topic_limit).",
+            value=levels.topics_refused,
+        )
+        yield GaugeMetricFamily(
+            "wirestate_handshakes_in_flight",
+            "Connections accepted and not yet upgraded or answered ([limits] max_handshakes).",
+            value=levels.handshakes,
+        )
 
         disconnects = CounterMetricFamily(
             "wirestate_disconnects", "Connections closed, by close cause.", labels=["cause"]
@@ -250,9 +278,15 @@ class _Collector:
         ]
 
 
-_GAUGES: Final = ("wirestate_connections", "wirestate_breaker_state")
+_GAUGES: Final = (
+    "wirestate_connections",
+    "wirestate_topics",
+    "wirestate_handshakes_in_flight",
+    "wirestate_breaker_state",
+)
 _COUNTERS: Final = (
     "wirestate_disconnects",
+    "wirestate_topics_refused",
     "wirestate_messages_sent",
     "wirestate_messages_dropped",
     "wirestate_events_published",

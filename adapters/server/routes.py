@@ -39,6 +39,8 @@ ERRORS: Final[dict[int, tuple[str, str]]] = {
     405: ("method_not_allowed", "method not allowed on this endpoint"),
     408: ("request_timeout", "the request did not arrive in time"),
     413: ("payload_too_large", "request body too large"),
+    415: ("unsupported_media_type", "send the body as application/json"),
+    431: ("header_fields_too_large", "request head too large"),
     426: ("upgrade_required", "this endpoint speaks WebSocket only"),
     500: ("internal_error", "internal server error"),
     503: ("unavailable", "service unavailable"),

@@ -39,7 +39,7 @@ from wirestate.adapters.server.bus import MemoryBus, RedisBus
 from wirestate.adapters.server.dashboard import snapshot as dashboard_snapshot
 from wirestate.adapters.server.endpoints import Endpoints
 from wirestate.adapters.server.logs import install_redaction
-from wirestate.adapters.server.metrics import Metrics
+from wirestate.adapters.server.metrics import Levels, Metrics
 from wirestate.adapters.server.routes import HttpApp
 from wirestate.adapters.server.session import Session
 from wirestate.adapters.server.sources import (
@@ -80,6 +80,8 @@ def hub_config(settings: Settings, sources: Iterable[str] = ()) -> HubConfig:
         history_size=settings.history.size,
         history_max_age=settings.history.max_age,
         max_subscriptions=settings.limits.max_subscriptions,
+        max_topics=settings.limits.max_topics,
+        max_pending_bytes=s.max_pending_bytes,
         messages_per_second=settings.limits.messages_per_second,
         overflow={topic: t.overflow for topic, t in settings.topics.items()},
         reserved_topics=BUILTIN_TOPICS | {src.topic for src in settings.sources} | set(sources),
@@ -108,7 +110,7 @@ class WirestateServer:
         self.settings = settings or Settings()
         self.epoch = epoch or secrets.token_hex(4)
         self.hub: Hub | None = None
-        self.metrics = Metrics(self._stats, self._connection_counts)
+        self.metrics = Metrics(self._stats, self._connection_counts, levels=self._levels)
         self.auth = Authenticator.from_settings(self.settings.auth)
         self.admission = Admission(self.settings, self.auth, self.metrics.rejections)
         #: The registered connections' sessions, by client id.
@@ -249,6 +251,7 @@ class WirestateServer:
                 breaker=breaker_config(bus.breaker, call_timeout=None),
                 on_transition=self._bus_transition,
                 node=self.epoch,
+                max_age=self.settings.history.max_age,
             )
         await self.bus.start()
         await self._start_sources(wall_offset)
@@ -261,6 +264,9 @@ class WirestateServer:
         if self.admission.closing or self.hub is None:
             return
         self.admission.closing = True
+        if self._listener is not None:
+            # Upgrades (and HTTP exchanges) still in progress end now, not after open_timeout.
+            self._listener.abort_handshakes()
         hub = self.hub
         for task in self._source_tasks:
             task.cancel()
@@ -389,6 +395,14 @@ class WirestateServer:
                         "rejected",
                         extra={"client_id": action.client_id, "cause": action.cause.value},
                     )
+        dropped = hub.take_dropped()
+        if dropped:
+            self.bus.forget(dropped)
+        urgent = hub.take_urgent()
+        if urgent:
+            # A burst took outboxes past send_queue_size: write to the readers now rather
+            # than at the end of the loop iteration (their transports take writes).
+            self._write_now(hub, urgent)
         if hub.has_ready() and not self._flush_scheduled and self._loop is not None:
             # Writes wait for the end of this loop iteration: every event published meanwhile
             # (a burst from the bus reader, several publishers' messages read in one select)
@@ -414,8 +428,16 @@ class WirestateServer:
         todo.extend(hub.take_ready())
         batch = todo[:FLUSH_CHUNK]
         del todo[:FLUSH_CHUNK]
+        self._write_now(hub, batch)
+        if (todo or hub.has_ready()) and not self._flush_scheduled and self._loop is not None:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
+
+    def _write_now(self, hub: Hub, batch: list[str]) -> None:
+        """Write the outboxes of the sessions of ``batch`` (client ids) on their writers'
+        behalf where they may be written at once; wake the writers of the others."""
         sessions = self.sessions
-        drain = hub.drain
+        drain, written = hub.drain, hub.written
         sample = True  # one publish-to-write reading per flush: the histogram is not free
         for cid in batch:
             session = sessions.get(cid)
@@ -436,14 +458,13 @@ class WirestateServer:
             if not frames:
                 continue  # listed twice: already written
             transport.write(frames)
+            ready = transport.ready()
+            written(conn, transport.buffered(), ready)
             if published_at is not None:
                 self.metrics.observe_publish_to_write(self.now() - published_at)
                 sample = False
-            if not transport.ready():  # over the high-water mark now: the writer waits
+            if not ready:  # over the high-water mark now: the writer waits
                 session.wake()
-        if (todo or hub.has_ready()) and not self._flush_scheduled and self._loop is not None:
-            self._flush_scheduled = True
-            self._loop.call_soon(self._flush)
 
     async def _ticker(self) -> None:
         """The hub's one timer: sleeps until the core's next deadline (or the lag probe),
@@ -500,6 +521,15 @@ class WirestateServer:
 
     def _stats(self) -> Any:
         return self.hub.stats if self.hub is not None else None
+
+    def _levels(self) -> Levels:
+        hub = self.hub
+        handshakes = self._listener.handshakes if self._listener is not None else 0
+        if hub is None:
+            return Levels(handshakes=handshakes)
+        return Levels(
+            topics=len(hub.topics), topics_refused=hub.topics.refused, handshakes=handshakes
+        )
 
     def _connection_counts(self) -> dict[str, int]:
         counts: dict[str, int] = {}

@@ -87,9 +87,19 @@ class Transport(Protocol):
     def write(self, frames: list[bytes]) -> None:
         """Write ``frames`` at once, without waiting; only after ``ready()``."""
 
+    def writable(self) -> bool:
+        """Whether the connection takes more without waiting (below its high-water mark)."""
+
+    def buffered(self) -> int:
+        """Bytes written and not yet taken by the peer's side, as far as the transport knows."""
+
+    async def drain(self) -> None:
+        """Wait until the connection takes writes again (``writable()``); raises `Ended` when
+        it is closed. The caller bounds the wait."""
+
     async def send(self, frames: list[bytes]) -> None:
-        """Write ``frames``, waiting while the peer reads them; raises `Ended` when the
-        connection is closed."""
+        """Write ``frames``; raises `Ended` when the connection is closed. It may wait for
+        the peer only where the transport cannot do otherwise (ASGI's ``send``)."""
 
     async def ping(self) -> Awaitable[object]:
         """Send a protocol ping; the awaitable it returns completes when its pong arrives."""
@@ -271,6 +281,31 @@ class Session:
         if self.writer is not None:
             self.writer.cancel()
 
+    def admit_ping(self) -> bool:
+        """A protocol ping arrived: whether to answer it. It counts against the client's
+        inbound rate like a message (a flood ends in a close with ``policy``), and it is not
+        answered while the client is over its budget or not reading (no pong piles up)."""
+        service, conn = self.service, self.conn
+        hub = service.hub
+        if conn is None or hub is None:
+            return True  # before registration: websockets' own answer
+        admitted = hub.admit(conn, service.now())
+        service.dispatch()
+        if not admitted:
+            return False
+        transport = self.transport
+        limit = service.settings.server.max_pending_bytes
+        return transport.writable() and transport.buffered() + conn.queued_bytes < limit
+
+    def protocol_failed(self, cause: CloseCause, code: int) -> None:
+        """The transport's protocol layer failed the connection (a protocol error, invalid
+        UTF-8, a frame too big) and sent its close: record the cause now. The peer may never
+        close its side; the core's close timeout then aborts it."""
+        service, conn = self.service, self.conn
+        if conn is not None and service.hub is not None:
+            service.hub.close(conn, cause, service.now(), code)
+            service.dispatch()
+
     def _cut(self) -> None:
         if not self.transport.abort() and self.task is not None and not self.task.done():
             self.aborted = True
@@ -339,6 +374,8 @@ class Session:
                 for topic, value in (since or {}).items():
                     cursor[topic] = value if isinstance(value, int) else (value.seq, value.epoch)
                 if bus.ready and any(map(bus.carries, topics)):
+                    if not hub.admits_topics(conn, topics, now):
+                        return None
                     return self._subscribe_attached(list(topics), cursor)
                 hub.subscribe(conn, topics, now, since=cursor)
             case wire.Unsubscribe(topics=topics):
@@ -417,12 +454,18 @@ class Session:
                 self.idle = True
                 await self.wait()
                 self.idle = False
+                if not transport.writable():
+                    # Nothing is written past the high-water mark: wait for the peer to read
+                    # first, bounded (a peer that stopped reading cannot hold the writer).
+                    # Meanwhile the outbox fills, within the client's budget, in the core.
+                    async with asyncio.timeout(timeout):
+                        await transport.drain()
                 published_at = hub.oldest_queued_at(conn)
                 frames = hub.drain(conn)
                 if frames:
-                    # Bounded: a peer that stopped reading cannot hold the writer.
                     async with asyncio.timeout(timeout):
                         await transport.send(frames)
+                    hub.written(conn, transport.buffered(), transport.writable())
                     if published_at is not None:
                         service.metrics.observe_publish_to_write(service.now() - published_at)
                 if self.ping_due:

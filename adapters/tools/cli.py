@@ -8,6 +8,7 @@ missing tool). Messages say what failed and what to do; no traceback for expecte
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import shutil
 import subprocess
@@ -149,6 +150,46 @@ def tune_gc() -> None:
     gc.set_threshold(GC_YOUNG, middle, old)
 
 
+def raise_fd_limit() -> tuple[int, int, int]:
+    """Raise the soft limit on open file descriptors to the hard one (each connection takes
+    one): returns (soft before, soft now, hard)."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    now = soft
+    if hard != soft and (hard == resource.RLIM_INFINITY or hard > soft):
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            now = hard
+    return soft, now, hard
+
+
+#: asyncio's message when accept() fails for want of a descriptor (or memory): it pauses
+#: accepting for a second and says only this.
+_ACCEPT_STARVED = "socket.accept() out of system resource"
+
+
+def _starved_accepts(log: Any) -> Callable[[Any, dict[str, Any]], None]:
+    """A loop exception handler that turns asyncio's accept() starvation into one clear
+    warning a second (what to change), and leaves everything else to the default."""
+    last = [-1e9]
+
+    def handler(loop: Any, context: dict[str, Any]) -> None:
+        if str(context.get("message", "")).startswith(_ACCEPT_STARVED):
+            if loop.time() - last[0] >= 1.0:
+                last[0] = loop.time()
+                log.warning(
+                    "new connections are refused: out of file descriptors (each connection"
+                    " takes one); raise the hard limit (ulimit -Hn) or lower"
+                    " [limits] max_connections and max_handshakes",
+                    extra={"error": type(context.get("exception")).__name__},
+                )
+            return
+        loop.default_exception_handler(context)
+
+    return handler
+
+
 async def run(settings: Any) -> int:
     """Serve until SIGINT or SIGTERM, then shut down gracefully; returns the exit status."""
     import asyncio
@@ -157,8 +198,12 @@ async def run(settings: Any) -> int:
 
     from wirestate.adapters.server import WirestateServer
 
+    log = logging.getLogger("wirestate.server")
+    before, soft, hard = raise_fd_limit()
+    log.info("file descriptors", extra={"soft": soft, "hard": hard, "soft_before": before})
     server = WirestateServer(settings)
     loop = asyncio.get_running_loop()
+    loop.set_exception_handler(_starved_accepts(log))
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
@@ -166,7 +211,7 @@ async def run(settings: Any) -> int:
         if settings.server.gc_tune:
             tune_gc()
         await stop.wait()
-        logging.getLogger("wirestate.server").info("signal received, shutting down")
+        log.info("signal received, shutting down")
     return 0
 
 

@@ -126,8 +126,11 @@ def _close_causes() -> str:
         "slow_consumer": (
             "the server",
             None,
-            "The client's outbox overflowed under the `disconnect` policy, or a write stayed "
-            "blocked for `close_timeout` (the socket is then aborted and the client sees 1006).",
+            "The client did not take what it was sent: under the `disconnect` policy its "
+            "outbox passed `send_queue_size` messages or `max_pending_bytes` bytes (outbox "
+            "plus socket buffer), or a write stayed blocked for `close_timeout` (the socket "
+            "is then aborted and the client sees 1006). A burst that arrives at once does "
+            "not count against a client that keeps reading.",
         ),
         "message_too_big": (
             "the server",
@@ -138,8 +141,9 @@ def _close_causes() -> str:
             "the server",
             None,
             f"{hub.bad_input_limit} invalid messages in a row, {hub.rate_limit_grace} messages "
-            "refused in a row by the rate limit, or with `[auth] first_message`: a first "
-            "message that is not a valid `auth`, or none within `first_message_timeout`.",
+            "(protocol pings included) refused in a row by the rate limit, or with "
+            "`[auth] first_message`: a first message that is not a valid `auth`, or none "
+            "within `first_message_timeout`.",
         ),
         "auth_expired": (
             "the server",
@@ -151,6 +155,18 @@ def _close_causes() -> str:
             None,
             "The server is stopping (SIGINT, SIGTERM, `stop()`); under uvicorn the ASGI "
             "server closes with 1012 itself.",
+        ),
+        "protocol_error": (
+            "the server's protocol layer",
+            None,
+            "A frame that breaks RFC 6455: a masked-bit error, a bad opcode, a control frame "
+            "too long or fragmented, a continuation out of place.",
+        ),
+        "invalid_utf8": (
+            "the server's protocol layer",
+            None,
+            "A text frame that is not valid UTF-8. RFC 6455 (section 8.1) requires failing the "
+            "connection: it ends; there is no error message to recover from.",
         ),
     }
     rows = []
@@ -178,6 +194,11 @@ def _error_codes() -> str:
             "Over `[limits] messages_per_second`: sent once per run of refused messages."
         ),
         "too_many_topics": "Over `[limits] max_subscriptions`: the whole subscribe is refused.",
+        "topic_limit": (
+            "The node holds `[limits] max_topics` topics and this subscribe would create "
+            "one more: the whole subscribe is refused (POST /publish answers 503). Idle "
+            "topics are dropped after `[history] max_age`; retry later."
+        ),
     }
     rows = [(f"`{code}`", text) for code, text in _keyed(ErrorCode, meanings)]
     return _table(("code", "sent when"), rows)

@@ -28,6 +28,9 @@ def clone(conn: Connection) -> Connection:
     other.closing_at = conn.closing_at
     other.close_deadline = conn.close_deadline
     other.outbox = conn.outbox.copy()
+    other.queued_bytes = conn.queued_bytes
+    other.buffered = conn.buffered
+    other.writable = conn.writable
     other.owed = {k: [r.copy() for r in v] for k, v in conn.owed.items()} if conn.owed else None
     other.topics = conn.topics.copy()
     other.next_ping_at = conn.next_ping_at
@@ -50,14 +53,15 @@ def branch(hub: Hub) -> Hub:
     vars(other).update(vars(hub))  # config, engine, epoch, stamp and stats: shared
     other.actions()  # rebinds the copy's pending actions and ready list to fresh ones,
     other.take_ready()  # leaving the original's as they are
+    other.take_urgent()
     other.timers = hub.timers.copy()
     clients = {cid: clone(c) for cid, c in hub.clients.items()}
     other.clients = clients
-    topics = {}
+    topics = hub.topics.fork()
     for name, t in hub.topics.items():
         nt = Topic.__new__(Topic)
         nt.name, nt.epoch, nt.seq, nt.policy = t.name, t.epoch, t.seq, t.policy
-        nt.history, nt.retained = t.history, t.retained
+        nt.history, nt.retained, nt.size, nt.due = t.history, t.retained, t.size, t.due
         nt.subscribers = {cid: clients[cid] for cid in t.subscribers}
         topics[name] = nt
     other.topics = topics

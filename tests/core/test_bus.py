@@ -273,3 +273,20 @@ def test_plans_skip_topics_the_node_only_knows_by_name() -> None:
     assert bus.plans() == []
     assert bus.cap == 100
     assert BusState(hub, 0).cap == 1
+
+
+def test_a_dropped_topic_takes_its_bus_state_along_unless_it_owes_the_bus() -> None:
+    hub = Hub(HubConfig(history_max_age=1.0), epoch="e")
+    state = BusState(hub, 10)
+    conn = client(hub, "c1", T)
+    state.attach(T, "e", 0, [], 0.0)
+    hub.unsubscribe(conn, [T], 0.0)
+    state.lost()
+    state.publish_local("owing", {"n": 1}, 0.0)  # published while down: owed to the bus
+    hub.tick(5.0)  # both topics idle, aged, dropped
+    dropped = hub.take_dropped()
+    assert sorted(dropped) == sorted([T, "owing"])
+    assert state.reading() == {}  # a link whose topic is gone is read no more
+    state.forget(dropped)
+    assert T not in state.links
+    assert "owing" in state.links  # its events still go to the bus on recovery

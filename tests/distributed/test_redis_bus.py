@@ -30,7 +30,7 @@ from websockets.exceptions import ConnectionClosed
 from wirestate.adapters.server import bus as bus_module
 from wirestate.adapters.server.service import WirestateServer
 from wirestate.models.settings import Settings
-from wirestate.testing.net import free_port, recv, until
+from wirestate.testing.net import free_port, recv, until, until_true
 
 WAIT = 20.0  # the bound on every wait: a failure, never a hang
 REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
@@ -508,3 +508,94 @@ async def test_a_source_added_in_code_stays_node_local_on_a_bus(redis_url: str) 
     assert polled.is_set()
     # The node's wake-up stream goes with it.
     assert not redis.Redis.from_url(redis_url).exists(wake)
+
+
+# -- topics age in Redis too ---------------------------------------------------------------
+
+
+def _aging_server(redis_url: str, max_age: float) -> WirestateServer:
+    return WirestateServer(
+        Settings.model_validate(
+            {
+                "server": {"port": 0},
+                "history": {"max_age": max_age},
+                "bus": {"kind": "redis", "url": redis_url},
+            }
+        )
+    )
+
+
+async def _gone(client: Any, key: str) -> None:
+    """Until Redis has expired ``key`` (Redis's own clock: nothing here to be told of)."""
+
+    async def expired() -> bool:
+        return not await client.exists(key)
+
+    await until_true(expired, WAIT)
+
+
+async def test_an_idle_topic_expires_in_redis_and_comes_back_in_a_new_epoch(
+    redis_url: str,
+) -> None:
+    import redis.asyncio as aioredis
+
+    t = topic()
+    client = aioredis.Redis.from_url(redis_url)
+    server = _aging_server(redis_url, 0.5)
+    try:
+        async with server:
+            await until(lambda: server.bus.ready, WAIT)
+            for i in range(3):
+                assert await server.publish(t, {"n": i}) == i + 1
+            meta, stream = bus_module.meta_key(t), bus_module.stream_key(t)
+            assert await client.xlen(stream) == 3
+            assert 0 < await client.pttl(meta) <= 500  # nobody reads it: it expires
+            assert 0 < await client.pttl(stream) <= 500
+            first_epoch = (await client.hget(meta, "epoch")).decode()
+            await _gone(client, meta)
+            await _gone(client, stream)
+            assert await server.publish(t, {"n": 3}) == 1  # created again...
+            assert (await client.hget(meta, "epoch")).decode() != first_epoch  # ...anew
+            # A client that held seq 3 of the first epoch is told, not fed seq 1 as seq 1.
+            async with subscriber(
+                Node(None, server.port), t, since={t: {"seq": 3, "epoch": first_epoch}}
+            ) as (ws, sub):
+                assert sub["recovered"] == {t: False}
+                (gap,) = await events(ws, 1)
+                assert (gap["type"], gap["reason"]) == ("gap", "epoch_changed")
+    finally:
+        await client.aclose()
+
+
+async def test_a_topic_read_by_a_node_stays_alive_and_is_trimmed_by_age(redis_url: str) -> None:
+    import redis.asyncio as aioredis
+
+    t = topic()
+    client = aioredis.Redis.from_url(redis_url)
+    server = _aging_server(redis_url, 0.6)
+    try:
+        async with server:
+            await until(lambda: server.bus.ready, WAIT)
+            node = Node(None, server.port)
+            async with subscriber(node, t) as (ws, sub):
+                await server.publish(t, {"n": 1})
+                (first,) = await events(ws, 1)
+                assert first["seq"] == 1
+                meta, stream = bus_module.meta_key(t), bus_module.stream_key(t)
+
+                # Past the max age several times over: the entry has aged out of the
+                # stream, but the topic, read here, is kept alive (same epoch, same count).
+                async def trimmed() -> bool:
+                    return not await client.xlen(stream)
+
+                await until_true(trimmed, WAIT)
+                await asyncio.sleep(1.5)  # 2.5 max ages with nothing published: the workload
+                assert await client.exists(meta)
+                assert await server.publish(t, {"n": 2}) == 2
+                (second,) = await events(ws, 1)
+                assert (second["seq"], sub["epoch"][t]) == (
+                    2,
+                    (await client.hget(meta, "epoch")).decode(),
+                )
+    finally:
+        await client.aclose()

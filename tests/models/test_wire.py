@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import orjson
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -14,6 +15,9 @@ from wirestate.core.causes import ErrorCode, GapReason
 from wirestate.models.wire import (
     BINARY_FRAME,
     CLIENT_MESSAGE,
+    DATA_RULE,
+    INT_RANGE,
+    MAX_DEPTH,
     MAX_SEQ,
     MAX_TOPIC_LENGTH,
     SERVER_MESSAGE,
@@ -33,6 +37,7 @@ from wirestate.models.wire import (
     format_timestamp,
     parse_client_message,
     parse_server_message,
+    portable,
 )
 
 # The protocol's own examples, verbatim where they give a complete frame.
@@ -430,3 +435,59 @@ def test_welcome_speaks_protocol_1_only() -> None:
     result = parse_server_message(raw)
     assert isinstance(result, WireError)
     assert result.code is ErrorCode.INVALID_MESSAGE
+
+
+def _nested(depth: int) -> Any:
+    value: Any = 0
+    for level in range(depth):
+        value = [value] if level % 2 else {"k": value}
+    return value
+
+
+@pytest.mark.parametrize(
+    ("data", "ok"),
+    [
+        (_nested(MAX_DEPTH), True),
+        (_nested(MAX_DEPTH + 1), False),
+        (INT_RANGE[0], True),
+        (INT_RANGE[1], True),
+        (INT_RANGE[0] - 1, False),
+        (INT_RANGE[1] + 1, False),
+        ({"a": [1.5, -0.0, 1e308]}, True),
+        ({"a": [float("inf")]}, False),
+        ([float("-inf")], False),
+        ([float("nan")], False),
+        ("\u0000 \ud7ff \ue000 \U0010ffff", True),
+    ],
+    ids=lambda v: type(v).__name__ if not isinstance(v, bool) else str(v),
+)
+def test_portable_data_is_what_the_encoder_sends_back_unchanged(data: Any, ok: bool) -> None:
+    assert portable(data) is ok
+    if ok:  # what passes survives the wire exactly
+        assert orjson.loads(orjson.dumps(data)) == data
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        '{"type": "publish", "topic": "t", "data": 1e400}',
+        '{"type": "publish", "topic": "t", "data": [-1e999]}',
+        '{"type": "publish", "topic": "t", "data": 18446744073709551616}',
+        '{"type": "publish", "topic": "t", "data": ' + "[" * 129 + "]" * 129 + "}",
+    ],
+    ids=["infinity", "minus_infinity", "int_over_64_bits", "depth_129"],
+)
+def test_a_publish_of_unportable_data_names_the_rule_not_the_value(raw: str) -> None:
+    result = parse_client_message(raw)
+    assert result == WireError(ErrorCode.INVALID_MESSAGE, DATA_RULE)
+    assert "1e" not in DATA_RULE
+    assert "18446744073709551616" not in DATA_RULE
+
+
+def test_nesting_far_past_the_limit_costs_no_recursion() -> None:
+    deep = "[" * 100_000 + "]" * 100_000
+    # the parser's own limit: an error answer, not a crash
+    result = parse_client_message('{"type": "publish", "topic": "t", "data": ' + deep + "}")
+    assert isinstance(result, WireError)
+    assert result.code in (ErrorCode.BAD_JSON, ErrorCode.INVALID_MESSAGE)
+    assert not portable(_nested(100_000))

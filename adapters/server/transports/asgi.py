@@ -77,7 +77,7 @@ from wirestate.adapters.server.logs import install_redaction
 from wirestate.adapters.server.routes import HttpRequest, HttpResponse, error_response
 from wirestate.adapters.server.service import WirestateServer
 from wirestate.adapters.server.session import Ended, Session
-from wirestate.core.causes import CloseCause
+from wirestate.core.causes import PROTOCOL_CLOSES, CloseCause
 from wirestate.models.settings import Settings
 
 __all__ = ["AsgiTransport", "WirestateASGI", "disconnect_cause", "route_path"]
@@ -326,6 +326,17 @@ class AsgiTransport:
     def write(self, frames: list[bytes]) -> None:  # pragma: no cover - ready() is False
         raise AssertionError("an ASGI connection is written by its writer only")
 
+    def writable(self) -> bool:
+        # The ASGI server buffers as it sees fit and says nothing: a send that blocks is
+        # the only sign, and the writer's bound on it is what cuts a peer that stopped.
+        return not self.disconnected
+
+    def buffered(self) -> int:
+        return 0
+
+    async def drain(self) -> None:
+        return None
+
     async def send(self, frames: list[bytes]) -> None:
         if self.disconnected:
             return  # the peer's close already ended it; the reader reports why
@@ -355,8 +366,8 @@ def disconnect_cause(code: int) -> tuple[CloseCause, int]:
     """The close cause of a ``websocket.disconnect`` with ``code`` (module docstring)."""
     if code in (1005, 1006):
         return CloseCause.READ_ERROR, code
-    if code == 1009:
-        return CloseCause.MESSAGE_TOO_BIG, code
+    if code in PROTOCOL_CLOSES:  # the ASGI server's protocol layer decided it
+        return PROTOCOL_CLOSES[code], code
     if code == 1012:
         return CloseCause.SHUTDOWN, code
     return CloseCause.PEER_CLOSE, code

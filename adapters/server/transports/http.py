@@ -247,6 +247,8 @@ class HttpServerConnection(ServerConnection):
     # -- classification -------------------------------------------------------------------
 
     def _wants_websocket(self, request: h11.Request) -> bool:
+        if _head_size(request) > self.settings.max_head or _has_body(request):
+            return False  # answered over HTTP: 431, or 400 for an upgrade with a body
         upgrade = any(
             name == b"upgrade"
             and any(token.strip().lower() == b"websocket" for token in value.split(b","))
@@ -266,13 +268,18 @@ class HttpServerConnection(ServerConnection):
         end = head.find(b"\r\n\r\n")
         if end < 0:
             return None if len(head) <= self.settings.max_head else False
+        if end + 4 > self.settings.max_head:
+            return False  # a head over the limit: h11's path answers 431, whatever it asks
         line = bytes(head[: head.find(b"\r\n")]).split(b" ")
         if len(line) != 3 or line[0] != b"GET" or line[2] != b"HTTP/1.1":
             return False
         paths = self.settings.websocket_paths
         if paths is not None and _split_target(line[1])[0] not in paths:
             return False
-        return b"\r\nupgrade: websocket\r\n" in bytes(head[: end + 2]).lower()
+        lines = bytes(head[: end + 2]).lower()
+        if b"\r\ncontent-length:" in lines or b"\r\ntransfer-encoding:" in lines:
+            return False  # an upgrade with a body: h11's path answers 400
+        return b"\r\nupgrade: websocket\r\n" in lines
 
     def _choose_http(self, first: h11.Request | None) -> None:
         self._mode = _Mode.HTTP
@@ -343,6 +350,9 @@ class HttpServerConnection(ServerConnection):
                 return error_response(408) if waited is _Wait.TIMEOUT and partial else None
             if isinstance(event, h11.Request):
                 head = event
+                refusal = _refused_head(event, s.max_head)
+                if refusal is not None:
+                    return refusal
                 length = _content_length(event)
                 if length is not None and length > s.max_body:
                     return error_response(413)
@@ -496,6 +506,37 @@ def _split_target(target: str | bytes) -> tuple[str, str]:
     text = target.decode("latin-1") if isinstance(target, bytes) else target
     path, _, query = text.partition("?")
     return path, query
+
+
+def _head_size(request: h11.Request) -> int:
+    """The bytes of a request head (near enough: the line and every header line)."""
+    return (
+        len(request.method)
+        + len(request.target)
+        + 12
+        + sum(len(name) + len(value) + 4 for name, value in request.headers)
+    )
+
+
+def _has_body(request: h11.Request) -> bool:
+    return any(name in (b"content-length", b"transfer-encoding") for name, _ in request.headers)
+
+
+def _refused_head(request: h11.Request, max_head: int) -> HttpResponse | None:
+    """A head answered with an error and the connection closed (RFC 9112): over the head
+    limit (431, whatever path it arrived by); both Content-Length and Transfer-Encoding
+    (400: section 6.1, a sign of request smuggling); a WebSocket upgrade with a body (400)."""
+    if _head_size(request) > max_head:
+        return error_response(431)
+    names = {name for name, _ in request.headers}
+    if b"content-length" in names and b"transfer-encoding" in names:
+        return error_response(400, "bad_request", "both Content-Length and Transfer-Encoding")
+    upgrade = any(
+        name == b"upgrade" and b"websocket" in value.lower() for name, value in request.headers
+    )
+    if upgrade and _has_body(request):
+        return error_response(400, "bad_request", "a WebSocket upgrade carries no body")
+    return None
 
 
 def _content_length(request: h11.Request) -> int | None:

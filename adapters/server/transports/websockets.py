@@ -26,21 +26,21 @@ import asyncio
 import logging
 import ssl
 import weakref
-from collections.abc import Awaitable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import TYPE_CHECKING, Any, Final
 
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
-from websockets.frames import CloseCode
+from websockets.frames import CloseCode, Frame, Opcode
 from websockets.http11 import Request, Response
 from websockets.protocol import State
 from websockets.server import ServerProtocol
 
-from wirestate.adapters.server.admission import Refusal
+from wirestate.adapters.server.admission import Refusal, RefusalReason
 from wirestate.adapters.server.auth import Grants, token_from_request
 from wirestate.adapters.server.session import Ended, Session
 from wirestate.adapters.server.transports.http import http_connection_factory
-from wirestate.core.causes import CloseCause
+from wirestate.core.causes import PROTOCOL_CLOSES, CloseCause
 
 if TYPE_CHECKING:
     from wirestate.adapters.server.service import WirestateServer
@@ -87,10 +87,11 @@ class FrameCache:
 
 
 def read_end(exc: ConnectionClosed) -> Ended:
-    """Why the reader ended: our 1009 for an oversized frame, else the peer's close frame
-    (whatever its code), else a read error (no close frame: 1006)."""
-    if exc.sent is not None and exc.sent.code == 1009:
-        return Ended(CloseCause.MESSAGE_TOO_BIG, 1009)
+    """Why the reader ended: a close the protocol layer decided (1002, 1007, 1009: its
+    cause, whether or not the peer echoed the close), else the peer's close frame (whatever
+    its code), else a read error (no close frame: 1006)."""
+    if exc.sent is not None and exc.sent.code in PROTOCOL_CLOSES:
+        return Ended(PROTOCOL_CLOSES[exc.sent.code], exc.sent.code)
     if exc.rcvd is not None:
         return Ended(CloseCause.PEER_CLOSE, exc.rcvd.code)
     return Ended(CloseCause.READ_ERROR, None)
@@ -139,17 +140,23 @@ class WebsocketsTransport:
             encode = self.cache.frame
             ws.transport.write(b"".join([encode(f) for f in frames]))
 
+    def writable(self) -> bool:
+        return not self.ws.paused
+
+    def buffered(self) -> int:
+        return int(self.ws.transport.get_write_buffer_size())
+
+    async def drain(self) -> None:
+        try:
+            await self.ws.drain()
+        except ConnectionClosed:
+            raise Ended() from None
+
     async def send(self, frames: list[bytes]) -> None:
         ws = self.ws
         if ws.protocol.state is not _OPEN or ws.transport.is_closing():
             raise Ended()
         self.write(frames)
-        if ws.paused:
-            # Over the high-water mark: wait for the peer to read (the session bounds it).
-            try:
-                await ws.drain()
-            except ConnectionClosed:
-                raise Ended() from None
 
     async def ping(self) -> Awaitable[object]:
         try:
@@ -167,15 +174,32 @@ class WebsocketsTransport:
 
 
 class _CauseProtocol(ServerProtocol):
-    """websockets' protocol, but a frame over ``max_size`` is failed with the close cause
-    ``message_too_big`` as the reason instead of websockets' own sentence. websockets fails
-    such a frame itself, inside its parser, before any wirestate code runs. Same layout as
-    its base: swapped in per connection by class, at no memory cost."""
+    """websockets' protocol, with two changes. A close it decides itself (a frame over
+    ``max_size``, a protocol error, invalid UTF-8: inside its parser, before any wirestate
+    code runs) carries the close cause as its reason instead of websockets' own sentence.
+    And a protocol ping is answered only when ``ping_hook`` admits it: pings count against
+    the client's inbound rate, and no pong is queued for a peer that does not read. Swapped
+    in per connection by class."""
+
+    #: The session's check for each ping (None until the session exists: answered).
+    ping_hook: Callable[[], bool] | None
+    #: Told at once when the protocol layer fails the connection with one of its own
+    #: causes: the close is recorded now, not when the peer gets round to closing TCP.
+    fail_hook: Callable[[CloseCause, int], None] | None
 
     def fail(self, code: CloseCode | int, reason: str = "") -> None:
-        if code == CloseCode.MESSAGE_TOO_BIG:
-            reason = CloseCause.MESSAGE_TOO_BIG.value
-        super().fail(code, reason)
+        cause = PROTOCOL_CLOSES.get(int(code))
+        super().fail(code, cause.value if cause is not None else reason)
+        hook = self.fail_hook
+        if cause is not None and hook is not None:
+            hook(cause, int(code))
+
+    def recv_frame(self, frame: Frame) -> None:
+        if frame.opcode is Opcode.PING:
+            hook = self.ping_hook
+            if hook is not None and not hook():
+                return  # refused: counted by the rate limit, and no pong queued
+        super().recv_frame(frame)
 
 
 #: What `_admitted` answers for a connection that `process_request` never decided.
@@ -195,6 +219,21 @@ class Listener:
         self._admitted: weakref.WeakKeyDictionary[ServerConnection, Grants | None] = (
             weakref.WeakKeyDictionary()
         )
+        #: Connections accepted and not yet upgraded or done with (HTTP ones included):
+        #: bounded by ``[limits] max_handshakes``, each by ``[server] open_timeout``.
+        self.opening: set[ServerConnection] = set()
+
+    @property
+    def handshakes(self) -> int:
+        return len(self.opening)
+
+    def abort_handshakes(self) -> int:
+        """Shutdown: drop every connection still in its upgrade (or an HTTP exchange) at
+        once; returns how many."""
+        left = list(self.opening)
+        for connection in left:
+            connection.transport.abort()
+        return len(left)
 
     async def start(self) -> None:
         service = self.service
@@ -210,10 +249,27 @@ class Listener:
             websocket_paths=(WS_PATH,),
         )
 
+        listener = self
+        opening = self.opening
+        cap = settings.limits.max_handshakes
+
         class WirestateConnection(base):  # type: ignore[misc, valid-type]
             def __init__(self, protocol: ServerProtocol, *args: Any, **kwargs: Any) -> None:
                 protocol.__class__ = _CauseProtocol
+                protocol.ping_hook = None  # type: ignore[attr-defined]
+                protocol.fail_hook = None  # type: ignore[attr-defined]
                 super().__init__(protocol, *args, **kwargs)
+
+            def connection_made(self, transport: Any) -> None:
+                super().connection_made(transport)
+                if len(opening) >= cap:
+                    listener.refuse_at_accept(transport)
+                    return
+                opening.add(self)
+
+            def connection_lost(self, exc: Exception | None) -> None:
+                opening.discard(self)
+                super().connection_lost(exc)
 
         self.server = await serve(
             self._handle,
@@ -223,6 +279,7 @@ class Listener:
             ping_interval=None,  # the core owns keep-alive
             ping_timeout=None,
             close_timeout=s.close_timeout,
+            open_timeout=s.open_timeout,
             max_size=settings.limits.max_message_size,
             max_queue=64,
             process_request=self._process_request,
@@ -230,6 +287,12 @@ class Listener:
             server_header="wirestate",
             ssl=tls,
         )
+
+    def refuse_at_accept(self, transport: Any) -> None:
+        """Over ``max_handshakes``: the new connection is dropped before reading a byte,
+        counted, and logged (the operator sees that the cap, not the peer, refused it)."""
+        self.service.admission.refuse(503, RefusalReason.MAX_HANDSHAKES, "too many upgrades")
+        transport.abort()
 
     @property
     def port(self) -> int:
@@ -253,12 +316,16 @@ class Listener:
     def _handle(self, ws: ServerConnection) -> Coroutine[Any, Any, None]:
         """websockets' handler: the session's own coroutine (a plain function returning it,
         so that no wrapping coroutine stays suspended per connection)."""
+        self.opening.discard(ws)  # upgraded: a connection now, no longer a handshake
         admitted = self._admitted.pop(ws, _UNDECIDED)
         if admitted is _UNDECIDED:  # pragma: no cover - process_request runs first
             raise AssertionError("a connection reached the handler without an upgrade decision")
         grants = admitted if isinstance(admitted, Grants) else None
         transport = WebsocketsTransport(ws, self.cache)
-        return Session(self.service, transport, ws.id.hex[:16], _ip(ws), grants).run()
+        session = Session(self.service, transport, ws.id.hex[:16], _ip(ws), grants)
+        ws.protocol.ping_hook = session.admit_ping  # type: ignore[attr-defined]
+        ws.protocol.fail_hook = session.protocol_failed  # type: ignore[attr-defined]
+        return session.run()
 
     async def stop(self, grace: float) -> None:
         """Stop listening, and end whatever connection is left (handshakes in flight, HTTP

@@ -26,6 +26,7 @@ from wirestate.core.breaker import BreakerConfig
 from wirestate.core.breaker import table as breaker_table
 from wirestate.core.causes import CloseCause
 from wirestate.core.hub import Hub, HubConfig
+from wirestate.core.topics import RECENT
 from wirestate.models.settings import Settings
 from wirestate.testing.net import WAIT, recv, server_settings, until
 
@@ -206,6 +207,29 @@ async def test_snapshot_counts_are_exact_and_lists_capped_on_a_busy_hub() -> Non
     assert burst["rate"] == pytest.approx(50 / (now - 300.30), rel=1e-3)
     assert [e["seq"] for e in body["events"]] == list(range(80, 80 - dashboard.EVENT_TAIL, -1))
     assert body["breakers"] == []
+
+
+@pytest.mark.parametrize("held", [100, 100_000])
+def test_a_snapshot_reads_the_recent_topics_only_however_many_the_hub_holds(held: int) -> None:
+    """A dashboard poll costs the same with 100 or 100,000 topics: it looks at the `RECENT`
+    topics published to last (the busiest are among them), and counts the rest."""
+    hub = Hub(HubConfig(history_size=1, max_topics=held + 10), epoch="e")
+    for i in range(held):
+        hub.publish(f"t.{i}", i, now=1.0 + i / held)
+    looked: list[str] = []
+
+    def visible(topic: str) -> bool:
+        looked.append(topic)
+        return True
+
+    body = dashboard.snapshot(hub, 3.0, visible=visible)
+    topics = [name for name in looked if name.startswith("t.")]
+    assert len(topics) == min(held, RECENT)
+    assert topics[0] == f"t.{held - 1}"  # the newest first
+    assert body["topics"]["total"] == held
+    assert body["topics"]["considered"] == min(held, RECENT)
+    assert body["topics"]["shown"] == min(held, dashboard.MAX_TOPICS)
+    assert body["events"][0]["topic"] == f"t.{held - 1}"
 
 
 def test_without_history_a_topic_shows_its_latest_event_and_no_rate() -> None:

@@ -8,7 +8,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
-from wirestate.adapters.server.metrics import CONTENT_TYPE, Metrics
+from wirestate.adapters.server.metrics import CONTENT_TYPE, Levels, Metrics
 from wirestate.adapters.server.routes import HttpRequest
 from wirestate.core.causes import CloseCause
 from wirestate.core.hub import HubStats
@@ -199,3 +199,23 @@ async def test_endpoint_serves_the_text_format(metrics: Metrics) -> None:
     assert dict(response.headers) == {"content-type": CONTENT_TYPE}
     assert CONTENT_TYPE == "text/plain; version=0.0.4; charset=utf-8"
     assert b"wirestate_messages_sent_total 42.0" in response.body
+
+
+def test_the_servers_own_levels_are_read_at_scrape_time() -> None:
+    levels = Levels(topics=7, topics_refused=2, handshakes=3)
+    metrics = Metrics(lambda: None, dict, levels=lambda: levels)
+    samples = _samples(metrics)
+    assert _value(samples, "wirestate_topics") == 7
+    assert _value(samples, "wirestate_topics_refused_total") == 2
+    assert _value(samples, "wirestate_handshakes_in_flight") == 3
+    levels = Levels(topics=8)
+    assert _value(_samples(metrics), "wirestate_topics") == 8
+    text = metrics.render().decode()
+    assert "# TYPE wirestate_topics gauge" in text
+    assert "# TYPE wirestate_handshakes_in_flight gauge" in text
+
+
+def test_without_levels_they_read_zero() -> None:
+    samples = _samples(Metrics(lambda: None, dict))
+    assert _value(samples, "wirestate_topics") == 0
+    assert _value(samples, "wirestate_handshakes_in_flight") == 0

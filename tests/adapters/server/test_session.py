@@ -46,6 +46,15 @@ class FakeTransport:
     def write(self, frames: list[bytes]) -> None:  # pragma: no cover - ready() is False
         raise AssertionError
 
+    def writable(self) -> bool:
+        return True
+
+    def buffered(self) -> int:
+        return 0
+
+    async def drain(self) -> None:
+        return None
+
     async def send(self, frames: list[bytes]) -> None:
         if self.closed is not None:
             raise Ended()

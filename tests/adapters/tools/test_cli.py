@@ -6,6 +6,7 @@ import asyncio
 import io
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -177,3 +178,50 @@ def test_fuzz_without_hypothesis_says_what_to_install(
     monkeypatch.delitem(sys.modules, "wirestate.adapters.tools.fuzz", raising=False)
     assert cli.main(["fuzz", "ws://127.0.0.1:1/ws"]) == 2
     assert "needs Hypothesis: pip install 'wirestate[verify]'" in capsys.readouterr().err
+
+
+async def test_serve_raises_its_descriptor_limit_and_says_so() -> None:
+    """Each connection takes a descriptor: a soft limit below the hard one would refuse
+    clients long before `max_connections`. The child starts with a low soft limit."""
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard <= 256:
+        pytest.skip("needs a finite hard descriptor limit above 256")
+    async with serve_process(soft_nofile=256) as served:
+        (line,) = [r for r in served.logs if r.get("msg") == "file descriptors"]
+        assert (line["soft_before"], line["soft"], line["hard"]) == (256, hard, hard)
+        limits = Path(f"/proc/{served.proc.pid}/limits").read_text()  # noqa: ASYNC240 - procfs
+        (row,) = [r for r in limits.splitlines() if r.startswith("Max open files")]
+        assert row.split()[3:5] == [str(hard), str(hard)]
+
+
+def test_accept_starvation_is_one_warning_a_second_that_says_what_to_change(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    class Loop:
+        now = 100.0
+        passed: list[dict[str, object]] = []
+
+        def time(self) -> float:
+            return self.now
+
+        def default_exception_handler(self, context: dict[str, object]) -> None:
+            self.passed.append(context)
+
+    import logging
+
+    log = logging.getLogger("test.starved")
+    handler = cli._starved_accepts(log)
+    loop = Loop()
+    starved = {"message": "socket.accept() out of system resource", "exception": OSError(24)}
+    with caplog.at_level(logging.WARNING, logger="test.starved"):
+        for step in range(30):  # 3 s of asyncio's retries, every 0.1 s
+            loop.now = 100.0 + step / 10
+            handler(loop, starved)
+    warnings = [r for r in caplog.records if r.name == "test.starved"]
+    assert len(warnings) == 3
+    assert "file descriptors" in warnings[0].getMessage()
+    assert "ulimit -Hn" in warnings[0].getMessage()
+    assert loop.passed == []
+    other = {"message": "Task exception was never retrieved"}
+    handler(loop, other)
+    assert loop.passed == [other]

@@ -30,6 +30,9 @@ def _distinct(conn: Connection) -> None:
     conn.tokens = 7.0
     conn.tokens_at = 8.5
     conn.limited = 2
+    conn.queued_bytes = 5
+    conn.buffered = 9
+    conn.writable = True
 
 
 def test_a_clone_copies_every_slot() -> None:
