@@ -2,8 +2,9 @@
 
 A Hypothesis ``RuleBasedStateMachine`` (`WireFuzzer`) opens several clients on the given
 ``ws://`` URL and interleaves connects, subscribes and unsubscribes (valid and invalid
-topics), publishes, application pings, malformed JSON, unknown types, schema errors,
-oversized frames, binary frames (a text frame of invalid UTF-8 cannot be sent with the
+topics), publishes (odd data too: numbers past 64 bits or infinite, nesting past the
+limit, lone surrogate escapes), application pings, malformed JSON, unknown types, schema
+errors, oversized frames, binary frames (a text frame of invalid UTF-8 cannot be sent with the
 websockets client), abrupt disconnects and slow readers. Every frame that comes back is
 checked against protocol v1's promises (docs/protocol.md):
 
@@ -15,7 +16,10 @@ checked against protocol v1's promises (docs/protocol.md):
 * no event on a topic after its ``unsubscribe`` was processed: the protocol has no
   unsubscribe ack, so each unsubscribe is followed by a ping, and an event of that topic
   arriving after its pong (and before a new subscribe was sent) is a violation;
-* every ``error`` has a known code; every frame is a JSON object with a known type;
+* every ``error`` has a known code; every frame is a JSON object with a known type (strict
+  JSON: no NaN or Infinity);
+* odd data comes back exactly as published, or is refused: an event never carries a
+  value the server should have refused;
 * every close has a code (1000/1001/1008/1009/1011/1013) and, when the server started
   it, a reason that is one of the protocol's close causes; a connection is never dropped
   without a close frame unless the client aborted it or had stopped reading;
@@ -32,6 +36,7 @@ import asyncio
 import contextlib
 import itertools
 import json
+import secrets
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, TextIO, TypeVar
@@ -95,6 +100,34 @@ GARBAGE: tuple[str | bytes, ...] = (
     b"\xff\xfe\xfd",  # invalid UTF-8: only possible as a binary frame with this client
     b'{"type": "ping", "id": "bin"}',
 )
+#: The topic of odd publishes, plus a suffix per run (a retained value outlives a test
+#: case, and a run): each peer that publishes there subscribes to it first.
+ODD_TOPIC = "fz.odd"
+#: ``data`` of a publish, as JSON text, with whether the server must deliver it unchanged
+#: (True) or refuse it with an ``error`` (False): numbers no JSON peer agrees on, nesting
+#: past the limit, escapes of characters that are no text.
+ODD_DATA: tuple[tuple[str, bool], ...] = (
+    ("1e400", False),  # infinity for most parsers; JSON has none
+    ("-1e400", False),
+    ("18446744073709551616", False),  # 2**64: past every 64-bit integer
+    ("-9223372036854775809", False),
+    ('"\\\\ud800"', True),  # an escaped backslash, then plain text
+    ('"\\u0000 \\u001f"', True),  # escaped control characters are text
+    ('"\\ud800 lone"', False),  # a lone surrogate escape: no character at all
+    ("18446744073709551615", True),
+    ("-9223372036854775808", True),
+    ("1e308", True),
+    ("-0.0", True),
+    ("[" * 128 + "]" * 128, True),
+    ("[" * 129 + "]" * 129, False),
+    ('{"": {"": {"": null}}}', True),
+    ('"' + "\\u00e9" * 200 + '"', True),
+)
+
+
+def _not_json(constant: str) -> Any:
+    """Python's json accepts NaN and Infinity; JSON, and every other peer, does not."""
+    raise ValueError(f"{constant} is not JSON")
 
 
 class ProtocolViolation(AssertionError):
@@ -145,6 +178,9 @@ class WireFuzzer(RuleBasedStateMachine):
     tolerate: ClassVar[frozenset[str]] = frozenset()
     #: frames sent over every test case of a run (`fuzzer_for` gives each run its own)
     tally: ClassVar[dict[str, int]] = {"frames": 0}
+    #: this run's odd topic, and the portable odd data published on it by every test case
+    odd_topic: ClassVar[str] = ODD_TOPIC
+    odd_sent: ClassVar[list[Any]] = []
 
     peers = Bundle("peers")
 
@@ -230,7 +266,7 @@ class WireFuzzer(RuleBasedStateMachine):
             self._violation(peer, "the server sent a binary frame")
             return
         try:
-            msg = json.loads(raw)
+            msg = json.loads(raw, parse_constant=_not_json)
         except ValueError:
             self._violation(peer, f"the server sent invalid JSON: {raw[:80]!r}")
             return
@@ -271,6 +307,8 @@ class WireFuzzer(RuleBasedStateMachine):
             self._violation(peer, f"event on {topic!r}, never subscribed")
         if topic in peer.fenced:
             self._violation(peer, f"event {topic}#{seq} after its unsubscribe was processed")
+        if topic == self.odd_topic and msg.get("data") not in self.odd_sent:
+            self._violation(peer, f"{topic}#{seq} carries data that was never sent or refused")
         last = peer.last_seq.get(topic)
         if last is not None and seq != last + 1:
             self._violation(peer, f"{topic}: seq {seq} after {last} with no gap")
@@ -401,6 +439,27 @@ class WireFuzzer(RuleBasedStateMachine):
         if self._send_json(peer, {"type": "ping", "id": ping_id}):
             self._await_pong(peer, ping_id)
 
+    @rule(name=peers, odd=st.sampled_from(ODD_DATA))
+    def publish_odd(self, name: str, odd: tuple[str, bool]) -> None:
+        """Publish odd ``data`` on a topic the peer itself reads: what is portable comes
+        back unchanged, the rest is refused with an error; either way a pong follows."""
+        peer = self._peer(name)
+        if peer is None:
+            return
+        text, portable = odd
+        if portable:
+            self.odd_sent.append(json.loads(text))
+        topic = self.odd_topic
+        if topic not in peer.subscribed_ever:
+            peer.subscribed_ever.add(topic)
+            if not self._send_json(peer, {"type": "subscribe", "topics": [topic]}):
+                return
+        raw = f'{{"type": "publish", "topic": "{topic}", "data": {text}}}'
+        ping_id = self._new_ping(peer, {})
+        ping = json.dumps({"type": "ping", "id": ping_id})
+        if self._run(self._send(peer, raw, ping), WAIT * 2):
+            self._await_pong(peer, ping_id)
+
     @rule(name=peers, frame=st.sampled_from(GARBAGE))
     def garbage(self, name: str, frame: str | bytes) -> None:
         peer = self._peer(name)
@@ -516,6 +575,8 @@ def fuzzer_for(
         "max_message_size": max_message_size,
         "tolerate": tolerate,
         "tally": {"frames": 0},
+        "odd_topic": f"{ODD_TOPIC}.{secrets.token_hex(4)}",
+        "odd_sent": [],
     }
     return type("WireFuzzer", (WireFuzzer,), attrs)
 
