@@ -107,7 +107,12 @@ class BusState:
                 del self.links[name]
 
     def attach(
-        self, topic: str, epoch: str, seq: int, events: Iterable[tuple[int, bytes, str]], now: float
+        self,
+        topic: str,
+        epoch: str,
+        seq: int,
+        events: Iterable[tuple[int, bytes, str, bytes]],
+        now: float,
     ) -> None:
         """The topic's state read from the bus (``events`` oldest first)."""
         self.hub.attach(topic, epoch, seq, events, now)
@@ -115,14 +120,17 @@ class BusState:
         link.cursor = self.hub.topics[topic].seq
         link.attached = True
 
-    def entries(self, topic: str, events: Iterable[tuple[int, bytes, str]], now: float) -> int:
-        """Events read from the topic's stream, oldest first; returns how many were new."""
+    def entries(
+        self, topic: str, events: Iterable[tuple[int, bytes, str, bytes]], now: float
+    ) -> int:
+        """Events read from the topic's stream as ``(seq, body, ts, tail)`` (``Hub.deliver``),
+        oldest first; returns how many were new."""
         link = self.link(topic)
         hub = self.hub
         delivered = 0
         before = hub.topics[topic].seq if topic in hub.topics else 0
-        for seq, body, ts in events:
-            if hub.deliver(topic, seq, body, ts, now):
+        for seq, body, ts, tail in events:
+            if hub.deliver(topic, seq, body, ts, now, tail):
                 delivered += 1
             link.cursor = max(link.cursor, seq)
         after = hub.topics[topic].seq
@@ -137,11 +145,14 @@ class BusState:
             self.outages += 1
         return was
 
-    def publish_local(self, topic: str, data: Any, now: float) -> int:
+    def publish_local(
+        self, topic: str, data: Any, now: float, *, stale: bool = False, age: float | None = None
+    ) -> int:
         """Publish while the link is down: this node's subscribers get it now, numbered on
-        from the last seq here; the bus gets it on recovery. Returns the local seq."""
+        from the last seq here; the bus gets it on recovery (its data: a stale flag is this
+        node's clients' only). Returns the local seq."""
         body = dumps(data)
-        seq = self.hub.publish(topic, data, now)
+        seq = self.hub.publish(topic, data, now, stale=stale, age=age)
         link = self.link(topic)
         link.pending.append((body, self.hub.stamp(now)))
         if len(link.pending) > self.cap:

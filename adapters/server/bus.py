@@ -36,6 +36,7 @@ import contextlib
 import logging
 import secrets
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import orjson
@@ -43,7 +44,7 @@ from redis.exceptions import RedisError
 
 from wirestate.core.breaker import Breaker, BreakerConfig, Permit, StateChanged
 from wirestate.core.bus import BusState, Plan, Reconciled
-from wirestate.core.frames import dumps
+from wirestate.core.frames import EVENT_TAIL, dumps, event_tail
 from wirestate.core.hub import Hub
 
 if TYPE_CHECKING:
@@ -116,19 +117,46 @@ local function meta(kmeta, kstream, candidate)
 end
 """
 
-# KEYS: meta, stream. ARGV: cap, candidate epoch, body, ts, max age (ms). Returns the seq.
-PUBLISH = (
-    _SEED
-    + """
+_PUBLISH = """
 meta(KEYS[1], KEYS[2], ARGV[2])
 local seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
 local now = clock()
+local extra = {}
+if ARGV[6] ~= '' then
+  extra[#extra + 1] = 's'
+  extra[#extra + 1] = ARGV[6]
+end
+if ARGV[7] ~= '' then
+  extra[#extra + 1] = 'b'
+  extra[#extra + 1] = ARGV[7]
+end
 redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[1], seq .. '-0', 'd', ARGV[3], 't', ARGV[4],
-           'w', now)
+           'w', now, unpack(extra))
 age(KEYS[1], KEYS[2], now, tonumber(ARGV[5]))
 return seq
 """
-)
+
+#: The fence in front of a shared source's publish: nothing is written unless the lease
+#: key still holds the publisher's token (a paused ex-leader is refused, with -1).
+_FENCE = """
+if redis.call('GET', KEYS[3]) ~= ARGV[8] then
+  return -1
+end
+"""
+
+
+def publish_script(*, fenced: bool) -> str:
+    """The publish script; ``fenced``: the variant a source's leader publishes with.
+
+    KEYS: meta, stream (fenced: and the lease key). ARGV: cap, candidate epoch, body, ts,
+    max age (ms), the frame's tail when it is not a fresh event's (``s``, else empty), the
+    source's state (``b``, else empty) (fenced: and the token). Returns the seq, or -1 when
+    the fence refused the write."""
+    return _SEED + (_FENCE if fenced else "") + _PUBLISH
+
+
+PUBLISH = publish_script(fenced=False)
+FENCED_PUBLISH = publish_script(fenced=True)
 
 # KEYS: meta, stream. ARGV: cap, candidate epoch, max age (ms). Returns {epoch, seq, newest
 # entries}: only entries younger than the max age.
@@ -195,6 +223,31 @@ def stream_key(topic: str) -> str:
 def topic_of(key: str) -> str:
     """The topic of a ``stream_key``."""
     return key[len("wirestate:{") : -len("}:stream")]
+
+
+@dataclass(frozen=True, slots=True)
+class Extra:
+    """What a shared source's publish carries beside its data: its stale flag and age
+    (delivered as they are on every node), its ``state`` (the breaker and the cached
+    value's time, JSON, for the node that takes the source over) and, from the source's
+    leader, the fence: the ``lease`` key that must still hold ``token``. A write the fence
+    refuses is dropped and ``refused`` is called (the lease is someone else's)."""
+
+    stale: bool = False
+    age: float | None = None
+    state: bytes = b""
+    lease: str | None = None
+    token: str = ""
+    refused: Callable[[], None] | None = None
+
+    @property
+    def tail(self) -> bytes:
+        return event_tail(self.stale, self.age) if self.stale else b""
+
+
+PLAIN = Extra()
+
+_Queued = tuple[str, bytes, str, "asyncio.Future[int] | None", Extra]
 
 
 class BusUnavailable(RuntimeError):
@@ -276,13 +329,14 @@ class RedisBus:
         self._redis: Redis | None = None
         self._reader_redis: Redis | None = None
         self._scripts: dict[str, Any] = {}
-        self._outbox: list[tuple[str, bytes, str, asyncio.Future[int] | None]] = []
+        self._outbox: list[_Queued] = []
         self._outbox_ready = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._up = asyncio.Event()
         self._wake_id = b"0-0"
         self.published = 0
         self.read = 0
+        self.fenced = 0  # writes refused by a lease's fence
 
     # -- life --------------------------------------------------------------------------
 
@@ -292,8 +346,8 @@ class RedisBus:
 
     async def start(self) -> None:
         from redis.asyncio import Redis
+        from redis.asyncio.retry import Retry
         from redis.backoff import NoBackoff
-        from redis.retry import Retry
 
         hub = self._need_hub()
         self.state = BusState(hub, hub.config.history_size)
@@ -310,6 +364,7 @@ class RedisBus:
         )
         for name, text in (
             ("publish", PUBLISH),
+            ("fenced", FENCED_PUBLISH),
             ("attach", ATTACH),
             ("reconcile", RECONCILE),
             ("touch", TOUCH),
@@ -342,7 +397,7 @@ class RedisBus:
         if state.up and self._redis is not None:
             with contextlib.suppress(*LINK_ERRORS):
                 await self._redis.delete(self._wake_key)
-        for fut in (f for *_, f in self._outbox if f is not None and not f.done()):
+        for fut in (q[3] for q in self._outbox if q[3] is not None and not q[3].done()):
             fut.set_exception(BusUnavailable("the node is stopping"))
         self._outbox.clear()
         for client in (self._redis, self._reader_redis):
@@ -365,6 +420,7 @@ class RedisBus:
             "published": self.published,  # events this node wrote to Redis
             "read": self.read,  # events read from the streams and delivered here
             "gapped": state.gapped,  # seqs this node's clients were told they missed
+            "fenced": self.fenced,  # a source's writes refused: its lease had moved on
         }
 
     # -- publish -----------------------------------------------------------------------
@@ -376,24 +432,29 @@ class RedisBus:
         self._submit(topic, data, fut)
         return await fut
 
-    def submit(self, topic: str, data: Any) -> None:
-        """``publish`` without waiting for the seq (a client's ``publish`` message); the
-        order of submissions is kept. ``TypeError`` for data that is not JSON."""
-        self._submit(topic, data, None)
+    def submit(self, topic: str, data: Any, extra: Extra = PLAIN) -> None:
+        """``publish`` without waiting for the seq (a client's ``publish`` message, a
+        source's tick, with its ``extra``); the order of submissions is kept. ``TypeError``
+        for data that is not JSON."""
+        self._submit(topic, data, None, extra)
 
-    def _submit(self, topic: str, data: Any, fut: asyncio.Future[int] | None) -> None:
+    def _submit(
+        self, topic: str, data: Any, fut: asyncio.Future[int] | None, extra: Extra = PLAIN
+    ) -> None:
         body = dumps(data)  # TypeError here, before anything is queued
         if not self._need_state().up and not self._outbox:
-            seq = self._local(topic, data)
+            seq = self._local(topic, data, extra)
             if fut is not None:
                 fut.set_result(seq)
             return
         ts = self._need_hub().stamp(self._host.now())
-        self._outbox.append((topic, body, ts, fut))
+        self._outbox.append((topic, body, ts, fut, extra))
         self._outbox_ready.set()
 
-    def _local(self, topic: str, data: Any) -> int:
-        seq = self._need_state().publish_local(topic, data, self._host.now())
+    def _local(self, topic: str, data: Any, extra: Extra) -> int:
+        seq = self._need_state().publish_local(
+            topic, data, self._host.now(), stale=extra.stale, age=extra.age
+        )
         self._host.dispatch()
         return seq
 
@@ -409,21 +470,23 @@ class RedisBus:
                 batch, self._outbox = self._outbox[:BATCH], self._outbox[BATCH:]
                 await self._send(batch)
 
-    async def _send(self, batch: list[tuple[str, bytes, str, asyncio.Future[int] | None]]) -> None:
+    async def _send(self, batch: list[_Queued]) -> None:
         redis = self._need_redis()
-        script = self._scripts["publish"]
+        plain, fenced = self._scripts["publish"], self._scripts["fenced"]
         cap = self._need_state().cap
         # The epoch a topic gets if this batch creates it: fresh per batch, so that a topic
         # Redis lost and a node re-creates never reuses an epoch its clients hold.
         epoch = secrets.token_hex(4)
         try:
             async with redis.pipeline(transaction=False) as pipe:
-                for topic, body, ts, _ in batch:
-                    await script(
-                        keys=[meta_key(topic), stream_key(topic)],
-                        args=[cap, epoch, body, ts, self._max_age_ms],
-                        client=pipe,
-                    )
+                for topic, body, ts, _, extra in batch:
+                    keys = [meta_key(topic), stream_key(topic)]
+                    args = [cap, epoch, body, ts, self._max_age_ms, extra.tail, extra.state]
+                    if extra.lease is None:
+                        await plain(keys=keys, args=args, client=pipe)
+                    else:
+                        keys.append(extra.lease)
+                        await fenced(keys=keys, args=[*args, extra.token], client=pipe)
                 seqs = await pipe.execute()
         except LINK_ERRORS as exc:
             # The link failed mid-batch: what Redis did not confirm is published locally
@@ -433,16 +496,21 @@ class RedisBus:
             self._outbox[:0] = batch
             await self._spill()
             return
-        self.published += len(batch)
-        for (*_, fut), seq in zip(batch, seqs, strict=True):
+        for (*_, fut, extra), seq in zip(batch, seqs, strict=True):
+            if int(seq) < 0:
+                self.fenced += 1
+                if extra.refused is not None:
+                    extra.refused()
+                continue
+            self.published += 1
             if fut is not None and not fut.done():
                 fut.set_result(int(seq))
 
     async def _spill(self) -> None:
         """The link is down: everything queued for it is published locally instead."""
         queued, self._outbox = self._outbox, []
-        for topic, body, _, fut in queued:
-            seq = self._local(topic, orjson.loads(body))
+        for topic, body, _, fut, extra in queued:
+            seq = self._local(topic, orjson.loads(body), extra)
             if fut is not None and not fut.done():
                 fut.set_result(seq)
 
@@ -667,12 +735,20 @@ class RedisBus:
         return self._redis
 
 
-def _entries(raw: Any) -> list[tuple[int, bytes, str]]:
-    """Stream entries ``(b"<seq>-0", {b"d": body, b"t": ts})`` as (seq, body, ts)."""
+def _entries(raw: Any) -> list[tuple[int, bytes, str, bytes]]:
+    """Stream entries ``(b"<seq>-0", {b"d": body, b"t": ts[, b"s": tail]})`` as (seq,
+    body, ts, tail): the frame's tail is a fresh event's unless the entry has its own."""
     out = []
     for entry_id, fields in raw:
-        if isinstance(fields, list):  # from a script: a flat [field, value, ...] list
-            fields = dict(zip(fields[::2], fields[1::2], strict=True))
+        fields = entry_fields(fields)
         seq = int(entry_id.split(b"-", 1)[0])
-        out.append((seq, bytes(fields[b"d"]), fields[b"t"].decode()))
+        tail = bytes(fields.get(b"s") or EVENT_TAIL)
+        out.append((seq, bytes(fields[b"d"]), fields[b"t"].decode(), tail))
     return out
+
+
+def entry_fields(fields: Any) -> dict[bytes, bytes]:
+    """A stream entry's fields as a dict (a script returns a flat [field, value, ...])."""
+    if isinstance(fields, list):
+        return dict(zip(fields[::2], fields[1::2], strict=True))
+    return cast(dict[bytes, bytes], fields)

@@ -8,6 +8,7 @@ import orjson
 
 from wirestate.core.bus import BusState, Plan, Reconciled
 from wirestate.core.causes import CloseCause, OverflowPolicy
+from wirestate.core.frames import EVENT_TAIL, event_tail
 from wirestate.core.hub import Connection, Hub, HubConfig
 
 T = "orders"
@@ -27,8 +28,9 @@ def client(hub: Hub, name: str = "c1", *topics: str) -> Connection:
     return conn
 
 
-def ev(seq: int, value: Any = None) -> tuple[int, bytes, str]:
-    return seq, orjson.dumps({"n": seq if value is None else value}), "2026-11-25T00:00:00.000Z"
+def ev(seq: int, value: Any = None) -> tuple[int, bytes, str, bytes]:
+    body = orjson.dumps({"n": seq if value is None else value})
+    return seq, body, "2026-11-25T00:00:00.000Z", EVENT_TAIL
 
 
 def seqs(msgs: list[dict[str, Any]]) -> list[Any]:
@@ -39,6 +41,24 @@ def seqs(msgs: list[dict[str, Any]]) -> list[Any]:
 
 
 # -- Hub.deliver / rebase / attach ------------------------------------------------------------
+
+
+def test_a_stale_event_from_the_bus_keeps_its_flag_and_age() -> None:
+    hub = Hub(epoch="node")
+    conn = client(hub, "c1", T)
+    ts = "2026-11-25T00:00:00.000Z"
+    assert hub.deliver(T, 1, b'{"a":1}', ts, 1.0, event_tail(True, 4.5))
+    hub.attach(T, "node", 2, [(2, b'{"s":"u"}', ts, event_tail(True, None))], 1.0)
+    got = frames(hub, conn)
+    assert [(m["stale"], m.get("age")) for m in got] == [(True, 4.5), (True, None)]
+
+
+def test_a_stale_event_published_during_an_outage_keeps_its_flag_here() -> None:
+    hub = Hub(epoch="node")
+    conn = client(hub, "c1", T)
+    BusState(hub, 10).publish_local(T, {"v": 1}, 1.0, stale=True, age=2.0)
+    [msg] = frames(hub, conn)
+    assert (msg["stale"], msg["age"]) == (True, 2.0)
 
 
 def test_deliver_takes_the_bus_seq_and_ignores_duplicates() -> None:
@@ -75,7 +95,7 @@ def test_a_jump_in_the_bus_seq_owes_a_bus_outage_gap_before_the_event() -> None:
     hub = Hub(epoch="node")
     conn = client(hub, "c1", T)
     for seq in (1, 2, 6):
-        _, body, ts = ev(seq)
+        _, body, ts, _ = ev(seq)
         hub.deliver(T, seq, body, ts, 1.0)
     assert seqs(frames(hub, conn)) == [1, 2, (3, 5, "bus_outage"), 6]
     # The history no longer bridges the hole: a resume from 2 is told so.

@@ -405,6 +405,7 @@ async def test_a_node_started_without_redis_serves_locally_then_joins(
                     "published": 0,
                     "read": 0,
                     "gapped": 0,
+                    "fenced": 0,
                 }
                 # The local event entered the bus under the seq the client saw.
                 assert await server.publish(t, "bus") == 2
