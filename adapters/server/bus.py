@@ -46,6 +46,7 @@ from wirestate.core.breaker import Breaker, BreakerConfig, Permit, StateChanged
 from wirestate.core.bus import BusState, Plan, Reconciled
 from wirestate.core.frames import EVENT_TAIL, dumps, event_tail
 from wirestate.core.hub import Hub
+from wirestate.models.settings import sentinel_address
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -344,24 +345,18 @@ class RedisBus:
     def ready(self) -> bool:
         return self.state is not None and self.state.up
 
-    async def start(self) -> None:
-        from redis.asyncio import Redis
-        from redis.asyncio.retry import Retry
-        from redis.backoff import NoBackoff
+    @property
+    def redis(self) -> Redis:
+        """The client of this node's requests (not the blocking reader's)."""
+        return self._need_redis()
 
+    async def start(self) -> None:
         hub = self._need_hub()
         self.state = BusState(hub, hub.config.history_size)
-        common: dict[str, Any] = {
-            "socket_connect_timeout": 2.0,
-            # The breaker paces retries; redis-py's own would hide an outage for seconds.
-            "retry": Retry(NoBackoff(), 0),
-        }
-        self._redis = Redis.from_url(self._url, socket_timeout=5.0, **common)
+        self._redis = connect(self._url, socket_timeout=5.0)
         # The blocking reader's own connection; its wait is bounded by BLOCK_MS, and a read
         # that outlives it by much means a dead link (see _read).
-        self._reader_redis = Redis.from_url(
-            self._url, socket_timeout=None, single_connection_client=True, **common
-        )
+        self._reader_redis = connect(self._url, socket_timeout=None, single=True)
         for name, text in (
             ("publish", PUBLISH),
             ("fenced", FENCED_PUBLISH),
@@ -733,6 +728,52 @@ class RedisBus:
     def _need_redis(self) -> Redis:
         assert self._redis is not None, "the bus has not started"
         return self._redis
+
+
+def connect(url: str, *, socket_timeout: float | None, single: bool = False) -> Redis:
+    """A client of the Redis a bus URL names: a server (``redis://``, ``rediss://``,
+    ``unix://``) or, with ``redis+sentinel://``, the primary the sentinels name now.
+
+    With Sentinel, redis-py's `SentinelConnectionPool` asks the sentinels for the primary
+    before each new connection, and drops its connections when the primary moved: after a
+    failover the link's next attempt (the breaker paces them) reaches the promoted replica,
+    and a write that still reached a demoted one fails (READONLY) like a lost link. The
+    sentinels are asked without the primary's credentials. ``single``: one dedicated
+    connection (the blocking reader's; with Sentinel, a pool of its own that it alone uses).
+    """
+    from redis.asyncio import Redis
+    from redis.asyncio.retry import Retry
+    from redis.backoff import NoBackoff
+
+    common: dict[str, Any] = {
+        "socket_connect_timeout": 2.0,
+        "socket_timeout": socket_timeout,
+        # The breaker paces retries; redis-py's own would hide an outage for seconds.
+        "retry": Retry(NoBackoff(), 0),
+    }
+    address = sentinel_address(url)
+    if address is None:
+        return Redis.from_url(url, single_connection_client=single, **common)
+    from redis.asyncio.sentinel import Sentinel
+
+    sentinel = Sentinel(
+        address.sentinels,
+        sentinel_kwargs={
+            "socket_connect_timeout": 1.0,
+            "socket_timeout": 1.0,
+            "retry": Retry(NoBackoff(), 0),
+        },
+    )
+    return cast(
+        "Redis",
+        sentinel.master_for(
+            address.service,
+            db=address.db,
+            username=address.username,
+            password=address.password,
+            **common,
+        ),
+    )
 
 
 def _entries(raw: Any) -> list[tuple[int, bytes, str, bytes]]:

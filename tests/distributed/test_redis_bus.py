@@ -402,7 +402,7 @@ async def test_a_node_started_without_redis_serves_locally_then_joins(
                     "outages": 0,
                     "attached": 1,
                     "pending": 0,
-                    "published": 0,
+                    "published": 1,  # the link's breaker closing, on circuit_breaker
                     "read": 0,
                     "gapped": 0,
                     "fenced": 0,
@@ -482,7 +482,7 @@ async def test_an_asgi_node_and_a_websockets_node_share_the_bus(redis_url: str) 
         await asyncio.wait_for(task, WAIT)
 
 
-async def test_a_source_added_in_code_stays_node_local_on_a_bus(redis_url: str) -> None:
+async def test_a_source_added_in_code_is_shared_on_a_bus(redis_url: str) -> None:
     import redis
 
     server = WirestateServer(_bus_settings(redis_url))
@@ -495,20 +495,26 @@ async def test_a_source_added_in_code_stays_node_local_on_a_bus(redis_url: str) 
     t = topic()
     server.add_source(t, inventory, interval=0.01, timeout=1.0)
     async with server:
-        assert not server.bus.carries(t)  # numbered here, like every source's topic
+        assert server.bus.carries(t)  # numbered by the bus, polled by its lease holder
+        assert server.bus.carries("circuit_breaker")
+        assert not server.bus.carries("system_status")
         node = Node(None, server.port)
         async with subscriber(node, t) as (ws, _):
             (msg,) = await events(ws, 1)
             assert msg["data"] == {"widgets": 42}
             await ws.send(orjson.dumps({"type": "publish", "topic": t, "data": 1}).decode())
-            while (reply := await recv(ws, WAIT))["type"] != "error":
+            while (reply := await recv(ws, WAIT))["type"] == "event":
                 pass
+            assert reply["type"] == "error"
             assert reply["code"] == "forbidden"
         assert isinstance(server.bus, bus_module.RedisBus)
         wake = server.bus._wake_key
+        lease = redis.Redis.from_url(redis_url).get(f"wirestate:{{{t}}}:lease")
+        assert lease is not None
+        assert lease.decode().split(":")[1] == server.bus.node
     assert polled.is_set()
-    # The node's wake-up stream goes with it.
-    assert not redis.Redis.from_url(redis_url).exists(wake)
+    # The node's wake-up stream goes with it, and the lease is handed back.
+    assert not redis.Redis.from_url(redis_url).exists(wake, f"wirestate:{{{t}}}:lease")
 
 
 # -- topics age in Redis too ---------------------------------------------------------------

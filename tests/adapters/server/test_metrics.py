@@ -219,3 +219,16 @@ def test_without_levels_they_read_zero() -> None:
     samples = _samples(Metrics(lambda: None, dict))
     assert _value(samples, "wirestate_topics") == 0
     assert _value(samples, "wirestate_handshakes_in_flight") == 0
+
+
+def test_the_source_leader_gauge_says_which_shared_sources_this_node_polls(
+    metrics: Metrics,
+) -> None:
+    assert "wirestate_source_leader" not in _samples(metrics)  # no shared source yet
+    metrics.source_leader("agents", False)
+    metrics.source_leader("orders", False)
+    assert _value(_samples(metrics), "wirestate_source_leader", source="agents") == 0
+    metrics.source_leader("agents", True)
+    samples = _samples(metrics)
+    assert _value(samples, "wirestate_source_leader", source="agents") == 1
+    assert _value(samples, "wirestate_source_leader", source="orders") == 0
