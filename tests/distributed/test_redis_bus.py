@@ -10,21 +10,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-import secrets
-import shutil
 import signal
-import subprocess
-import sys
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-import httpx
 import orjson
 import pytest
-from websockets.asyncio.client import ClientConnection, connect
+from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
 
 from wirestate.adapters.server import bus as bus_module
@@ -32,122 +26,7 @@ from wirestate.adapters.server.service import WirestateServer
 from wirestate.models.settings import Settings
 from wirestate.testing.net import free_port, recv, until, until_true
 
-WAIT = 20.0  # the bound on every wait: a failure, never a hang
-REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
-
-
-def _reachable(url: str) -> bool:
-    import redis
-
-    try:
-        return bool(redis.Redis.from_url(url, socket_connect_timeout=1).ping())
-    except redis.RedisError:
-        return False
-
-
-@pytest.fixture(scope="module")
-def redis_url() -> str:
-    if not _reachable(REDIS_URL):
-        if os.environ.get("CI"):
-            pytest.fail(f"Redis is not reachable at {REDIS_URL}; CI must provide it")
-        pytest.skip(f"Redis is not reachable at {REDIS_URL}; set REDIS_URL")
-    return REDIS_URL
-
-
-class Node:
-    def __init__(self, proc: subprocess.Popen[bytes] | None, port: int) -> None:
-        self.proc = proc
-        self.port = port
-        self.url = f"ws://127.0.0.1:{port}/ws"
-        self.http = f"http://127.0.0.1:{port}"
-
-
-@contextmanager
-def nodes(tmp_path: Path, url: str, count: int, **bus: Any) -> Iterator[list[Node]]:
-    """``count`` `wirestate serve` processes on the Redis bus at ``url``."""
-    breaker = bus.get("breaker", {"failure_threshold": 1, "reset_timeout": 0.2})
-    config = tmp_path / "bus.toml"
-    config.write_text(
-        f'[history]\nsize = 1000\n\n[bus]\nkind = "redis"\nurl = "{url}"\n\n[bus.breaker]\n'
-        f"failure_threshold = {breaker['failure_threshold']}\n"
-        f"reset_timeout = {breaker['reset_timeout']}\n"
-    )
-    exe = Path(sys.executable).with_name("wirestate")
-    started: list[Node] = []
-    try:
-        for _ in range(count):
-            port = free_port()
-            proc = subprocess.Popen(
-                [str(exe), "serve", "--config", str(config), "--port", str(port)],
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-            )
-            started.append(Node(proc, port))
-        yield started
-    finally:
-        for node in started:
-            assert node.proc is not None
-            if node.proc.poll() is None:
-                node.proc.terminate()
-        for node in started:
-            assert node.proc is not None
-            try:
-                node.proc.wait(WAIT)
-            except subprocess.TimeoutExpired:
-                node.proc.kill()
-                node.proc.wait()
-
-
-async def ready(node: Node, want: bool = True) -> dict[str, Any]:
-    """Wait until /readyz says ``want``; returns its body."""
-    async with httpx.AsyncClient() as http, asyncio.timeout(WAIT):
-        while True:
-            try:
-                r = await http.get(f"{node.http}/readyz")
-                if (r.status_code == 200) is want:
-                    body: dict[str, Any] = r.json()
-                    return body
-            except httpx.TransportError:
-                pass  # not listening yet
-            await asyncio.sleep(0.02)  # another process's state: /readyz is all there is
-
-
-@asynccontextmanager
-async def subscriber(
-    node: Node, *topics: str, since: dict[str, Any] | None = None
-) -> AsyncIterator[tuple[ClientConnection, dict[str, Any]]]:
-    async with connect(node.url, ping_interval=None) as ws:
-        assert (await recv(ws, WAIT))["type"] == "welcome"
-        msg: dict[str, Any] = {"type": "subscribe", "topics": list(topics)}
-        if since:
-            msg["since"] = since
-        await ws.send(orjson.dumps(msg).decode())
-        subscribed = await recv(ws, WAIT)
-        assert subscribed["type"] == "subscribed"
-        yield ws, subscribed
-
-
-async def publish(node: Node, topic: str, data: Any) -> int:
-    async with httpx.AsyncClient() as http:
-        r = await http.post(f"{node.http}/publish", json={"topic": topic, "data": data})
-    assert r.status_code == 200, r.text
-    seq: int = r.json()["seq"]
-    return seq
-
-
-async def events(ws: ClientConnection, n: int) -> list[dict[str, Any]]:
-    """The next ``n`` event or gap messages."""
-    out: list[dict[str, Any]] = []
-    while len(out) < n:
-        msg = await recv(ws, WAIT)
-        if msg["type"] in ("event", "gap"):
-            out.append(msg)
-    return out
-
-
-def topic() -> str:
-    return f"test.bus.{secrets.token_hex(4)}"
-
+from .conftest import WAIT, Node, events, nodes, own_redis, publish, ready, subscriber, topic
 
 # -- publish on one, receive on all --------------------------------------------------------
 
@@ -257,25 +136,6 @@ async def read_until_closed(ws: ClientConnection, got: list[int]) -> None:
 
 
 # -- Redis goes away and comes back --------------------------------------------------------
-
-
-@contextmanager
-def own_redis(port: int) -> Iterator[subprocess.Popen[bytes]]:
-    exe = shutil.which("redis-server")
-    if exe is None:
-        if os.environ.get("CI"):
-            pytest.fail("redis-server is not installed; CI must provide it")
-        pytest.skip("redis-server is not installed")
-    proc = subprocess.Popen(
-        [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-        stdout=subprocess.DEVNULL,
-    )
-    try:
-        yield proc
-    finally:
-        if proc.poll() is None:
-            proc.terminate()
-        proc.wait()
 
 
 async def test_a_redis_outage_is_visible_survivable_and_heals_without_duplicates(
