@@ -10,7 +10,8 @@ else.
   (``SET NX PX``), with a token ``<fence>:<node>``: the fence (``wirestate:{topic}:fence``,
   ``INCR``) grows with every acquisition, so no two terms share a token. ``RENEW``
   extends it only while it holds this node's token (compare, then ``PEXPIRE``);
-  ``RELEASE`` deletes it on shutdown the same way, so that another node takes over at once.
+  ``RELEASE`` deletes it on shutdown the same way, and the followers, which ask again at
+  least every ``HANDOVER`` seconds, take it over without waiting for the ttl.
 - **Fencing.** The leader publishes the source's topic and its breaker's transitions
   (``circuit_breaker``) through the bus's fenced publish script: Redis appends an event
   only while the lease key still holds the leader's token. A leader that was paused (a
@@ -71,6 +72,9 @@ LOOKBACK: Final = 16
 #: The shortest pause between two requests to Redis (a lease held with no expiry, a link
 #: that fails at once).
 MIN_PAUSE: Final = 0.01
+#: How long a follower waits at most before asking for a held lease again: a lease handed
+#: back on shutdown is taken over within this, not after the rest of its ttl.
+HANDOVER: Final = 0.5
 #: The retry after a request that got no answer, at most (a third of the ttl if shorter).
 RETRY: Final = 0.25
 
@@ -282,7 +286,7 @@ class SharedSource:
                 lease.refused()
         elif int(reply[0]) == 0:
             pttl = int(reply[1])
-            lease.held(self.clock(), pttl / 1000 if pttl >= 0 else lease.every)
+            lease.held(self.clock(), min(pttl / 1000 if pttl >= 0 else lease.every, HANDOVER))
         else:
             self._entries = reply[2]
             lease.acquired(reply[1].decode(), int(reply[0]), sent)
