@@ -334,6 +334,9 @@ class RedisBus:
         self._outbox_ready = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._up = asyncio.Event()
+        #: a reconnection is in progress: publishes wait for its outcome in the outbox
+        #: (published locally now, they would miss the reconciliation under way)
+        self._reconnecting = False
         self._wake_id = b"0-0"
         self.published = 0
         self.read = 0
@@ -437,7 +440,7 @@ class RedisBus:
         self, topic: str, data: Any, fut: asyncio.Future[int] | None, extra: Extra = PLAIN
     ) -> None:
         body = dumps(data)  # TypeError here, before anything is queued
-        if not self._need_state().up and not self._outbox:
+        if not self._need_state().up and not self._outbox and not self._reconnecting:
             seq = self._local(topic, data, extra)
             if fut is not None:
                 fut.set_result(seq)
@@ -460,7 +463,8 @@ class RedisBus:
             self._outbox_ready.clear()
             while self._outbox:
                 if not self._need_state().up:
-                    await self._spill()
+                    if not self._reconnecting:
+                        await self._spill()
                     break
                 batch, self._outbox = self._outbox[:BATCH], self._outbox[BATCH:]
                 await self._send(batch)
@@ -491,13 +495,15 @@ class RedisBus:
             self._outbox[:0] = batch
             await self._spill()
             return
-        for (*_, fut, extra), seq in zip(batch, seqs, strict=True):
+        state = self._need_state()
+        for (topic, _, _, fut, extra), seq in zip(batch, seqs, strict=True):
             if int(seq) < 0:
                 self.fenced += 1
                 if extra.refused is not None:
                     extra.refused()
                 continue
             self.published += 1
+            state.acked(topic, int(seq))
             if fut is not None and not fut.done():
                 fut.set_result(int(seq))
 
@@ -641,12 +647,17 @@ class RedisBus:
         if not isinstance(got, Permit):
             await asyncio.sleep(min(max(got.retry_after, RETRY_PAUSE), 1.0))
             return
+        self._reconnecting = True
         try:
             await self._reconnect()
         except asyncio.CancelledError:
+            self._reconnecting = False
             self.breaker.on_cancelled(got, self._host.now())
             raise
         except Exception as exc:
+            self._reconnecting = False
+            if self._outbox:
+                self._outbox_ready.set()  # still down: what waited is delivered locally
             self.breaker.on_failure(got, self._host.now(), exc)
             self._transitions()
             log.debug("bus: reconnect failed (%s)", type(exc).__name__)
@@ -660,23 +671,7 @@ class RedisBus:
         state = self._need_state()
         await redis.ping()
         plans = state.plans()
-        if plans:
-            script = self._scripts["reconcile"]
-            async with redis.pipeline(transaction=False) as pipe:
-                for plan in plans:
-                    args: list[Any] = [state.cap, plan.epoch, plan.base, plan.skipped]
-                    args += [len(plan.events), self._max_age_ms]
-                    for body, ts in plan.events:
-                        args += [body, ts]
-                    await script(
-                        keys=[meta_key(plan.topic), stream_key(plan.topic)],
-                        args=args,
-                        client=pipe,
-                    )
-                replies = await pipe.execute()
-            now = self._host.now()
-            for plan, reply in zip(plans, replies, strict=True):
-                self._reconciled(plan, reply, now)
+        await self._reconcile(plans)
         # Re-subscribe: every bus topic with a subscriber here is read from its cursor.
         hub = self._need_hub()
         again = [
@@ -687,6 +682,7 @@ class RedisBus:
         if again:
             await self._attach(again)
         state.restored()
+        self._reconnecting = False
         self._up.set()
         attached = sum(1 for link in state.links.values() if link.attached)
         log.info(
@@ -695,6 +691,28 @@ class RedisBus:
         self._host.dispatch()
         if self._outbox:
             self._outbox_ready.set()
+
+    async def _reconcile(self, plans: list[Plan]) -> None:
+        if not plans:
+            return
+        redis = self._need_redis()
+        state = self._need_state()
+        script = self._scripts["reconcile"]
+        async with redis.pipeline(transaction=False) as pipe:
+            for plan in plans:
+                args: list[Any] = [state.cap, plan.epoch, plan.base, plan.skipped]
+                args += [len(plan.events), self._max_age_ms]
+                for body, ts in plan.events:
+                    args += [body, ts]
+                await script(
+                    keys=[meta_key(plan.topic), stream_key(plan.topic)],
+                    args=args,
+                    client=pipe,
+                )
+            replies = await pipe.execute()
+        now = self._host.now()
+        for plan, reply in zip(plans, replies, strict=True):
+            self._reconciled(plan, reply, now)
 
     def _reconciled(self, plan: Plan, reply: list[Any], now: float) -> None:
         status, epoch, start, end = reply

@@ -310,3 +310,39 @@ def test_a_dropped_topic_takes_its_bus_state_along_unless_it_owes_the_bus() -> N
     state.forget(dropped)
     assert T not in state.links
     assert "owing" in state.links  # its events still go to the bus on recovery
+
+
+def test_acknowledged_publishes_never_read_back_are_a_gap_not_reused_seqs() -> None:
+    """The bus numbered this node's publishes 5..7, the link failed before the node read
+    them back, and a failover may have lost them: the local count goes on at 8, after a
+    bus_outage gap for 5..7, and the bus is asked to go on from 7 as well."""
+    hub, bus = state()
+    bus.attach(T, "bus", 4, [], 0.0)
+    conn = client(hub, "c1", T)
+    for seq in (5, 7, 6):
+        bus.acked(T, seq)
+    bus.lost()
+    assert bus.publish_local(T, "local", 1.0) == 8
+    assert seqs(frames(hub, conn)) == [(5, 7, "bus_outage"), 8]
+    assert bus.gapped == 3
+    assert bus.publish_local(T, "again", 1.0) == 9  # one gap only
+    (plan,) = bus.plans()
+    assert plan.base == 7
+    bus.reconciled(plan, Reconciled.SAME, "bus", 7, 9, 2.0)
+    assert bus.links[T].cursor == 9
+
+
+def test_with_nothing_to_send_reading_goes_on_from_the_cursor() -> None:
+    """Reconciled with nothing of its own to send, a node reads on from where it was: what
+    the bus still holds arrives, and a hole the bus lost is a gap."""
+    hub, bus = state()
+    bus.attach(T, "bus", 4, [], 0.0)
+    conn = client(hub, "c1", T)
+    bus.acked(T, 6)  # published here, not read back yet
+    bus.lost()
+    (plan,) = bus.plans()
+    assert plan.base == 6
+    bus.reconciled(plan, Reconciled.SAME, "bus", 6, 6, 1.0)
+    assert bus.links[T].cursor == 4
+    assert bus.entries(T, [ev(5), ev(6)], 2.0) == 2
+    assert seqs(frames(hub, conn)) == [5, 6]

@@ -228,7 +228,14 @@ async def _failover(
     missing = {k for k, _ in acked} - got_b
     figure("publishes node B's subscriber never got", len(missing))
     assert missing  # the failover did lose writes B had not read
-    assert len(missing) <= lost  # every event B never got is inside a gap it was told of
+    seq_of = dict(acked)
+    # every event B never got is inside a gap it was told of
+    assert len(missing) <= lost, (
+        sorted((k, seq_of[k]) for k in missing)[-3:],
+        gaps,
+        [(m["type"], m.get("seq"), m.get("data")) for m in fb.on(t)][95:110],
+        [(m["type"], m.get("seq"), m.get("data")) for m in fa.on(t)][110:130],
+    )
     figure("acknowledged writes not replicated before the kill", len(unreplicated))
     # Both nodes followed the promotion: A's last publish reached B through the new primary.
     assert last_seq in {m["seq"] for m in fb.on(t) if m["type"] == "event"}
