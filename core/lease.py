@@ -8,9 +8,13 @@ the I/O (``adapters/server/leases.py``) and reports each answer back.
 
 Rules:
 
-* Two states, ``follower`` and ``leader`` (``TABLE``). A follower asks to ``Acquire`` at
-  once, then again when the holder's lease would expire (the store says how long it has
-  left), at least every ``ttl / 3``; a leader asks to ``Renew`` every ``ttl / 3``.
+* Two states, ``follower`` and ``leader``, in one table (``TRANSITIONS``) run by the core's
+  engine; an input the table does not list for the current state changes nothing (a
+  renewal confirmed after the lead expired here, a loss reported to a follower:
+  ``REFUSED``).
+* A follower asks to ``Acquire`` at once, then again when the holder's lease would expire
+  (the store says how long it has left), at least every ``ttl / 3``; a leader asks to
+  ``Renew`` every ``ttl / 3``.
 * A leader counts a renewal from the moment the request was *sent*: the store started the
   new ``ttl`` later than that, never earlier, so this node's idea of its lease never
   outlives the store's. It stops leading (``Follow``, cause ``expired``) when no renewal
@@ -29,11 +33,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from enum import StrEnum
-from typing import Final
+from enum import Enum, StrEnum
+from typing import Any, Final
+
+from wirestate.core.machine import Engine, build_machine
 
 
-class LeaseState(StrEnum):
+class LeaseState(Enum):
     FOLLOWER = "follower"
     LEADER = "leader"
 
@@ -47,12 +53,21 @@ class LostCause(StrEnum):
     RELEASED = "released"  # this node gave it up (shutdown)
 
 
-#: (state, input) -> next state; the inputs not listed leave the state unchanged.
-TABLE: Final[dict[tuple[LeaseState, str], LeaseState]] = {
-    (LeaseState.FOLLOWER, "acquired"): LeaseState.LEADER,
-    (LeaseState.LEADER, "renewed"): LeaseState.LEADER,
-    (LeaseState.LEADER, "lost"): LeaseState.FOLLOWER,
+_F, _L = LeaseState.FOLLOWER, LeaseState.LEADER
+
+#: The lease's table: the store's answers move it; nothing else does.
+TRANSITIONS: Final[list[dict[str, Any]]] = [
+    {"trigger": "acquired", "source": _F, "dest": _L},
+    {"trigger": "renewed", "source": _L, "dest": None},  # internal: the lead goes on
+    {"trigger": "lost", "source": _L, "dest": _F},
+]
+#: The (state, trigger) pairs the table refuses on purpose, and why.
+REFUSED: Final[dict[tuple[LeaseState, str], str]] = {
+    (_F, "renewed"): "a renewal confirmed after the lead expired here does not revive it",
+    (_F, "lost"): "a follower has nothing to lose",
+    (_L, "acquired"): "the adapter asks only as a follower (a bug: Lease.acquired raises)",
 }
+ENGINE: Final = Engine(build_machine(TRANSITIONS, LeaseState, _F), LeaseState)
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,8 +126,8 @@ class Lease:
     def leader(self) -> bool:
         return self.state is LeaseState.LEADER
 
-    def _move(self, what: str) -> None:
-        self.state = TABLE.get((self.state, what), self.state)
+    def _move(self, what: str) -> bool:
+        return ENGINE.allows(self.state, what) and ENGINE.fire(self, what)
 
     # -- what to do ----------------------------------------------------------------------
 

@@ -5,7 +5,9 @@ import math
 import pytest
 
 from wirestate.core.lease import (
-    TABLE,
+    ENGINE,
+    REFUSED,
+    TRANSITIONS,
     Acquire,
     Follow,
     Lead,
@@ -124,5 +126,11 @@ def test_bad_durations_are_refused(ttl: float, margin: float | None) -> None:
         Lease("s", ttl, margin=margin)
 
 
-def test_the_table_has_only_these_moves() -> None:
-    assert set(TABLE.values()) == set(LeaseState)
+def test_every_pair_of_the_table_is_a_row_or_a_documented_refusal() -> None:
+    pairs = ENGINE.pairs()
+    everything = {(state, row["trigger"]) for state in LeaseState for row in TRANSITIONS}
+    assert set(pairs) | set(REFUSED) == everything
+    assert not set(pairs) & set(REFUSED)
+    # every state is reached, and left
+    assert {dest for dests in pairs.values() for dest in dests if dest} == set(LeaseState)
+    assert {state for state, _ in pairs} == set(LeaseState)
