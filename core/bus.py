@@ -61,7 +61,8 @@ class TopicLink:
 @dataclass(frozen=True)
 class Plan:
     """What the adapter sends to reconcile one topic: this node's epoch and count for it,
-    ``skipped`` events it can no longer send, then ``events`` as (body, ts)."""
+    ``skipped`` events it can no longer send, then ``events`` as (body, ts); an empty body
+    is a hole: its seq is taken, nothing is written."""
 
     topic: str
     epoch: str
@@ -156,11 +157,23 @@ class BusState:
         return was
 
     def publish_local(
-        self, topic: str, data: Any, now: float, *, stale: bool = False, age: float | None = None
+        self,
+        topic: str,
+        data: Any,
+        now: float,
+        *,
+        stale: bool = False,
+        age: float | None = None,
+        keep: bool = True,
     ) -> int:
         """Publish while the link is down: this node's subscribers get it now, numbered on
         from the last seq here; the bus gets it on recovery (its data: a stale flag is this
-        node's clients' only). Returns the local seq."""
+        node's clients' only). Returns the local seq.
+
+        ``keep=False``: the bus must never get it (a shared source's leader's write, which
+        only its lease may let through, and the lease cannot be checked now). It still
+        holds its seq in the plan, as a hole (an empty body), so that the local numbering
+        stays the bus's; other nodes' subscribers get a ``bus_outage`` gap for it."""
         body = dumps(data)
         link = self.link(topic)
         hub = self.hub
@@ -170,7 +183,7 @@ class BusState:
             hub.rebase(topic, link.acked, now)
             self.gapped += link.acked - known
         seq = hub.publish(topic, data, now, stale=stale, age=age)
-        link.pending.append((body, self.hub.stamp(now)))
+        link.pending.append((body if keep else b"", self.hub.stamp(now)))
         if len(link.pending) > self.cap:
             link.pending.popleft()
             link.skipped += 1

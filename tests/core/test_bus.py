@@ -346,3 +346,16 @@ def test_with_nothing_to_send_reading_goes_on_from_the_cursor() -> None:
     assert bus.links[T].cursor == 4
     assert bus.entries(T, [ev(5), ev(6)], 2.0) == 2
     assert seqs(frames(hub, conn)) == [5, 6]
+
+
+def test_a_write_the_bus_must_not_get_keeps_its_seq_as_a_hole() -> None:
+    hub, bus = state()
+    bus.attach(T, "bus", 4, [], 0.0)
+    conn = client(hub, "c1", T)
+    bus.lost()
+    assert bus.publish_local(T, "kept", 1.0) == 5
+    assert bus.publish_local(T, "fenced", 1.0, stale=True, age=3.0, keep=False) == 6
+    assert bus.publish_local(T, "kept too", 1.0) == 7
+    assert [m["data"] for m in frames(hub, conn)] == ["kept", "fenced", "kept too"]
+    (plan,) = bus.plans()
+    assert [body for body, _ in plan.events] == [b'"kept"', b"", b'"kept too"']

@@ -9,13 +9,14 @@ import orjson
 import pytest
 from redis.asyncio import Redis
 
+from wirestate.adapters.server import bus as bus_module
 from wirestate.adapters.server import leases
 from wirestate.adapters.server.bus import FENCED_PUBLISH, PUBLISH, meta_key, stream_key
 from wirestate.adapters.server.service import WirestateServer
 from wirestate.models.settings import Settings
-from wirestate.testing.net import until, until_true
+from wirestate.testing.net import free_port, until, until_true
 
-from .conftest import Node, events, subscriber, topic
+from .conftest import Node, events, own_redis, ready, subscriber, topic
 
 
 @pytest.fixture
@@ -148,3 +149,52 @@ async def test_a_stopping_leader_hands_the_lease_over_at_once(redis_url: str) ->
 
             await until_true(leads, bound=5.0)
             assert second.shared[t].terms == 1
+
+
+async def test_a_hole_in_a_reconciliation_takes_its_seq_and_writes_nothing(redis: Any) -> None:
+    t = topic()
+    reconcile = redis.register_script(bus_module.RECONCILE)
+    args = [100, "e", 0, 0, 3, 60_000, b'"a"', "ts", b"", "ts", b'"c"', "ts"]
+    status, epoch, start, end = await reconcile(keys=[meta_key(t), stream_key(t)], args=args)
+    assert (status, epoch, start, end) == (b"same", b"e", 0, 3)
+    assert [entry_id for entry_id, _ in await redis.xrange(stream_key(t))] == [b"1-0", b"3-0"]
+
+
+async def test_a_leader_cut_off_from_redis_serves_its_clients_but_never_the_bus(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Its writes cannot be checked against its lease while the link is down: its own
+    subscribers get them, the bus gets holes in their place (gaps elsewhere)."""
+    monkeypatch.setattr(bus_module, "START_WAIT", 2.0)
+    port = free_port()
+    t = topic()
+    with own_redis(port) as proc:
+        server = _server(f"redis://127.0.0.1:{port}/0", ttl=30.0)
+        calls = 0
+
+        async def fetch() -> int:
+            nonlocal calls
+            calls += 1
+            return calls
+
+        server.add_source(t, fetch, interval=0.02, timeout=1.0)
+        async with server:
+            await until(lambda: server.shared[t].leader)
+            node = Node(None, server.port)
+            async with subscriber(node, t) as (ws, _):
+                await events(ws, 2)
+                proc.terminate()
+                proc.wait()
+                await until(lambda: not server.bus.ready)
+                down = [m for m in await events(ws, 5) if m["type"] == "event"]
+                with own_redis(port):
+                    await ready(node)
+                    client = Redis(host="127.0.0.1", port=port)
+                    try:
+                        await until_true(lambda: client.exists(meta_key(t)), bound=5.0)
+                        stream = await client.xrange(stream_key(t))
+                    finally:
+                        await client.aclose()
+    written = {int(entry_id.split(b"-")[0]) for entry_id, _ in stream}
+    assert down
+    assert not written & {m["seq"] for m in down}  # delivered here, never on the bus
