@@ -62,9 +62,11 @@ def processes() -> Iterator[list[subprocess.Popen[bytes]]]:
                 proc.wait()
 
 
-def _server(exe: str, port: int, *extra: str) -> subprocess.Popen[bytes]:
+def _server(exe: str, port: int, where: Path, *extra: str) -> subprocess.Popen[bytes]:
+    # A replica's full sync writes an RDB file: in the test's directory, not the checkout.
     args = [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
-    return subprocess.Popen([*args, *extra], stdout=subprocess.DEVNULL)
+    args += ["--dir", str(where)]
+    return subprocess.Popen([*args, *extra], stdout=subprocess.DEVNULL, cwd=where)
 
 
 def _sentinel(exe: str, conf: Path) -> subprocess.Popen[bytes]:
@@ -93,9 +95,11 @@ async def test_a_sentinel_failover_is_followed_and_what_it_lost_is_a_gap(
     primary, replica = free_port(), free_port()
     sentinels = [free_port() for _ in range(3)]
     with processes() as procs:
-        primary_proc = _server(server_exe, primary)
+        primary_proc = _server(server_exe, primary, tmp_path)
         procs.append(primary_proc)
-        replica_proc = _server(server_exe, replica, "--replicaof", "127.0.0.1", str(primary))
+        replica_proc = _server(
+            server_exe, replica, tmp_path, "--replicaof", "127.0.0.1", str(primary)
+        )
         procs.append(replica_proc)
         for port in sentinels:
             conf = tmp_path / f"sentinel-{port}.conf"
