@@ -245,7 +245,9 @@ async def test_3_a_proxy_that_drops_the_upgrade_header_gets_426_and_registers_no
         assert server.hub is not None
         assert server.hub.clients == {}  # nothing was registered, nothing can be unregistered
         metrics = await scrape(server.port)
-        assert "wirestate_connections{" not in metrics  # no connection in any state
+        counts = re.findall(r'^wirestate_connections\{state="\w+"\} (\S+)$', metrics, re.M)
+        assert counts  # every state is exported...
+        assert all(float(n) == 0 for n in counts)  # ...and no connection is in any of them
         assert "wirestate_connections_rejected_total{reason=" not in metrics  # not an upgrade
         assert all(disconnects(metrics, c) == 0 for c in ("peer_close", "read_error"))
         # What `wirestate client` says about it.
