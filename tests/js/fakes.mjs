@@ -111,6 +111,7 @@ export function environment({ status = 426, random = () => 1 } = {}) {
     window,
     fetch: async (url) => {
       probes.push(url);
+      if (status === "hang") return new Promise(() => {});
       return { status: typeof status === "function" ? status(url) : status };
     },
   };

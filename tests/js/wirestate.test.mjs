@@ -281,6 +281,18 @@ test("a failed open that is not a 401 is retried", async () => {
   t.client.close();
 });
 
+test("a probe that never answers is given up after openTimeout, and retried", async () => {
+  const t = await started({ openTimeout: 2, backoff: { base: 0.1, cap: 1 } }, { status: "hang" });
+  t.sockets.last.drop(1006);
+  await flush();
+  await t.clock.advance(2000);
+  assert.equal(t.client.state, "reconnecting");
+  await t.clock.advance(100);
+  assert.equal(t.sockets.sockets.length, 2);
+  t.client.close();
+  assert.deepEqual(t.clock.pending(), []);
+});
+
 test("an origin refused with 403 ends the client", async () => {
   const t = await started({}, { status: 403 });
   t.sockets.last.drop(1006);

@@ -70,6 +70,7 @@ class Client {
     this._retryTimer = null;
     this._pingTimer = null;
     this._deadTimer = null;
+    this._probeTimer = null;
     this._pings = 0;
     this._waiting = []; // publishes made while not open: [{ topic, data, resolve, reject }]
     this._inflight = []; // sent, awaiting their answer, in send order (see _answer)
@@ -219,12 +220,22 @@ class Client {
   async _probe(token) {
     let status = 0;
     if (this._fetch) {
+      // Bounded like an open: a probe that hangs (a stalled network) must not stop retries.
+      const abort = typeof AbortController === "function" ? new AbortController() : null;
+      const timedOut = new Promise((resolve) => {
+        this._later("_probeTimer", this._openTimeout, () => {
+          if (abort) abort.abort();
+          resolve(null);
+        });
+      });
       try {
-        const response = await this._fetch(httpUrl(withToken(this._url, token)), { cache: "no-store" });
-        status = response.status;
+        const init = abort ? { cache: "no-store", signal: abort.signal } : { cache: "no-store" };
+        const response = await Promise.race([this._fetch(httpUrl(withToken(this._url, token)), init), timedOut]);
+        status = response ? response.status : 0;
       } catch (_) {
         status = 0;
       }
+      this._cancel("_probeTimer");
     }
     if (this.state === "closed" || this._ws !== null) return;
     if (status === 401) {
@@ -482,7 +493,7 @@ class Client {
   _clearAllTimers() {
     for (const handle of this._timers) this._clearTimeout(handle);
     this._timers.clear();
-    this._retryTimer = this._pingTimer = this._deadTimer = null;
+    this._retryTimer = this._pingTimer = this._deadTimer = this._probeTimer = null;
   }
 
   _setState(state) {
