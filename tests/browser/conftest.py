@@ -7,9 +7,11 @@ binary."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import shutil
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import pytest
 
@@ -48,3 +50,35 @@ async def browser() -> AsyncIterator[Browser]:
             yield launched
         finally:
             await launched.close()
+
+
+@contextlib.asynccontextmanager
+async def serve_page(body: str) -> AsyncIterator[str]:
+    """A loopback HTTP server answering every request with the page ``body``, as a user's
+    own web server would; yields its origin."""
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
+            await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10.0)
+            data = body.encode()
+            head = (
+                "HTTP/1.1 200 OK\r\ncontent-type: text/html; charset=utf-8\r\n"
+                f"content-length: {len(data)}\r\nconnection: close\r\n\r\n"
+            )
+            writer.write(head.encode() + data)
+            await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    try:
+        yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+@pytest.fixture
+def page_server() -> Callable[[str], contextlib.AbstractAsyncContextManager[str]]:
+    """`serve_page`: ``async with page_server(html) as origin`` serves a page from its own
+    loopback origin, as a user's web server would."""
+    return serve_page

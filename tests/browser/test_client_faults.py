@@ -27,7 +27,7 @@ import json
 import os
 import random
 import signal
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,6 +45,8 @@ with contextlib.suppress(ImportError):  # without it the `browser` fixture skips
     from playwright.async_api import Browser, Page
     from playwright.async_api import TimeoutError as PlaywrightTimeout
 
+#: The ``page_server`` fixture (tests/browser/conftest.py): a page's HTML -> its origin.
+PageServer = Callable[[str], contextlib.AbstractAsyncContextManager[str]]
 WAIT = 20.0  # seconds: the bound on every wait; a failure, never a hang
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
 TOPIC = "t"
@@ -213,7 +215,13 @@ def check(log: list[list[Any]], epochs: list[Epoch]) -> None:
 
 
 async def run_faults(
-    browser: Browser, start: Start, *, run: str, seed: int, history: int
+    browser: Browser,
+    start: Start,
+    page_server: PageServer,
+    *,
+    run: str,
+    seed: int,
+    history: int,
 ) -> Figures:
     port = free_port()
     proxy = FaultProxy("127.0.0.1", port, seed=seed)
@@ -318,31 +326,6 @@ async def run_faults(
     return figures
 
 
-@contextlib.asynccontextmanager
-async def page_server(body: str) -> AsyncIterator[str]:
-    """A loopback HTTP server answering every request with the page ``body``, as a user's
-    own web server would; yields its origin."""
-
-    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
-            await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), WAIT)
-            data = body.encode()
-            head = (
-                "HTTP/1.1 200 OK\r\ncontent-type: text/html; charset=utf-8\r\n"
-                f"content-length: {len(data)}\r\nconnection: close\r\n\r\n"
-            )
-            writer.write(head.encode() + data)
-            await writer.drain()
-        writer.close()
-
-    server = await asyncio.start_server(answer, "127.0.0.1", 0)
-    try:
-        yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
-    finally:
-        server.close()
-        await server.wait_closed()
-
-
 async def open_page(browser: Browser, origin: str) -> Page:
     """The page, from its own origin, importing wirestate.js from the hub and talking to the
     hub through the proxy."""
@@ -374,10 +357,14 @@ async def wait_page(page: Page, condition: str, more: Callable[[], str] = str) -
 @pytest.mark.parametrize("history", [100_000, 8], ids=["history-holds-all", "history-8"])
 @pytest.mark.parametrize("seed", _seeds())
 async def test_serve_through_cuts_stalls_and_a_restart(
-    browser: Browser, tmp_path: Path, seed: int, history: int
+    browser: Browser, page_server: PageServer, tmp_path: Path, seed: int, history: int
 ) -> None:
-    await run_faults(browser, serve_hub(tmp_path), run="serve", seed=seed, history=history)
+    await run_faults(
+        browser, serve_hub(tmp_path), page_server, run="serve", seed=seed, history=history
+    )
 
 
-async def test_asgi_under_uvicorn_through_cuts_stalls_and_a_restart(browser: Browser) -> None:
-    await run_faults(browser, asgi_hub(), run="asgi", seed=21, history=8)
+async def test_asgi_under_uvicorn_through_cuts_stalls_and_a_restart(
+    browser: Browser, page_server: PageServer
+) -> None:
+    await run_faults(browser, asgi_hub(), page_server, run="asgi", seed=21, history=8)

@@ -293,6 +293,15 @@ test("a probe that never answers is given up after openTimeout, and retried", as
   assert.deepEqual(t.clock.pending(), []);
 });
 
+test("a hub speaking another protocol version ends the client", async () => {
+  const t = await started();
+  t.sockets.last.welcome({ protocol: 2 });
+  assert.equal(t.client.state, "closed");
+  assert.deepEqual(t.errors.map((e) => e.code), ["protocol"]);
+  assert.deepEqual(t.states, ["closed"]);
+  assert.deepEqual(t.clock.pending(), []);
+});
+
 test("an origin refused with 403 ends the client", async () => {
   const t = await started({}, { status: 403 });
   t.sockets.last.drop(1006);

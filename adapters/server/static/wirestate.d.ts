@@ -32,7 +32,7 @@ export interface WirestateGap {
 
 /**
  * An `error` frame of the hub ({code, message}), or a refusal the client ends on:
- * `unauthorized`, `auth_expired`, `policy`, `forbidden_origin`, `bad_url`. A rejected
+ * `unauthorized`, `auth_expired`, `policy`, `forbidden_origin`, `protocol`, `bad_url`. A rejected
  * publish also carries `connection_lost` or `closed`.
  */
 export interface WirestateError {

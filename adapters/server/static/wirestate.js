@@ -29,6 +29,7 @@
 // Each socket is handled by closures that check it is still the current one, so a dropped
 // socket that reports late (a stalled close handshake) changes nothing.
 
+const PROTOCOL = 1; // the wire protocol this client speaks; any other ends it
 const DEFAULT_BACKOFF = { base: 0.5, cap: 10 };
 const DEFAULT_OPEN_TIMEOUT = 10;
 
@@ -300,6 +301,10 @@ class Client {
 
   _welcome(msg) {
     if (this._opened) return;
+    if (msg.protocol !== PROTOCOL) {
+      this._refuse("protocol", `the hub speaks protocol ${msg.protocol}; this client knows ${PROTOCOL}`);
+      return;
+    }
     this._opened = true;
     this._attempt = 0;
     this._refusedToken = undefined;
