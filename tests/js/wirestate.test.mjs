@@ -166,6 +166,25 @@ test("a new epoch restarts the numbering: epoch_changed gap, then the new seqs",
   t.client.close();
 });
 
+test("a position from the old epoch is forgotten: the resume uses the new one's", async () => {
+  const t = await started({ backoff: { base: 0.1, cap: 1 } });
+  follow(t.client, "quiet", t.log);
+  let ws = t.sockets.last;
+  ws.welcome();
+  ws.deliver(subscribed("quiet", "old", 7)); // seq 7 of the old numbering, nothing received
+  ws.drop(1006);
+  await t.clock.advance(100);
+  ws = t.sockets.last;
+  ws.welcome();
+  ws.deliver({ ...subscribed("quiet", "new", 1), recovered: { quiet: false } });
+  ws.deliver({ type: "gap", topic: "quiet", from_seq: null, to_seq: null, reason: "epoch_changed" });
+  ws.drop(1006);
+  await t.clock.advance(100);
+  t.sockets.last.welcome();
+  assert.deepEqual(t.sockets.last.subscribes()[0].since, { quiet: { seq: 1, epoch: "new" } });
+  t.client.close();
+});
+
 test("backoff is full jitter within [0, min(cap, base * 2^attempt)]", () => {
   const b = { base: 0.5, cap: 10 };
   const ceilings = [0, 1, 2, 3, 4, 5, 6, 60].map((n) => backoffDelay(b, n, () => 1));
