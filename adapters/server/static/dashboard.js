@@ -498,7 +498,7 @@ import { connect } from "./wirestate.js";
     return text.length > 240 ? text.slice(0, 239) + "…" : text;
   }
 
-  // -- the WebSocket ---------------------------------------------------------------------
+  // -- live events, through wirestate.js -------------------------------------------------
 
   function startLive() {
     const url = new URL("ws", location.href);

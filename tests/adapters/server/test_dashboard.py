@@ -341,6 +341,15 @@ async def test_the_browser_client_is_served_cacheable_cross_origin_under_the_csp
     assert "import " not in script.split("\n", 1)[1]  # no dependency
 
 
+def test_the_dashboard_has_no_socket_handling_of_its_own() -> None:
+    """One client implementation in the repository: the page goes through wirestate.js."""
+    script = (STATIC / "dashboard.js").read_text()
+    assert 'import { connect } from "./wirestate.js";' in script
+    assert "new WebSocket" not in script
+    assert ".onmessage" not in script
+    assert b'<script type="module" src="static/dashboard.js">' in (STATIC / PAGE).read_bytes()
+
+
 async def test_a_plain_get_of_ws_says_426_or_401_for_a_token_the_upgrade_refuses(
     http: httpx.AsyncClient, guarded: httpx.AsyncClient
 ) -> None:
