@@ -16,7 +16,7 @@ A page with nothing but ``/static/wirestate.js`` subscribes to one topic through
 Against ``wirestate serve`` in a child process (its default transport), and once against
 the ASGI transport under uvicorn. The figures of each run are printed (``-s``) and written
 to ``test-artifacts/client-faults-<run>.json``. More seeds:
-``WIRESTATE_FAULT_SEEDS=random:5 python -m pytest tests/browser/test_client_faults.py -s``.
+``WIRESTATE_CLIENT_FAULT_SEEDS=random:5 python -m pytest tests/browser/test_client_faults.py -s``.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ PageServer = Callable[[str], contextlib.AbstractAsyncContextManager[str]]
 WAIT = 20.0  # seconds: the bound on every wait; a failure, never a hang
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
 TOPIC = "t"
-EVENTS = int(os.environ.get("WIRESTATE_FAULT_EVENTS", "300"))  # per epoch
+EVENTS = int(os.environ.get("WIRESTATE_CLIENT_FAULT_EVENTS", "300"))  # per epoch
 # Pings every 50 ms, a pong due within 300 ms: the page's own dead-connection check
 # (interval + timeout without a frame) fires within 350 ms.
 SERVER = {"ping_interval": 0.05, "ping_timeout": 0.3, "close_timeout": 0.3}
@@ -61,7 +61,7 @@ CHAOS: dict[str, Any] = {"cut_rate": 0.06, "stall_rate": 0.1, "max_stall": 0.25,
 
 
 def _seeds() -> list[int]:
-    spec = os.environ.get("WIRESTATE_FAULT_SEEDS", "11,12")
+    spec = os.environ.get("WIRESTATE_CLIENT_FAULT_SEEDS", "11,12")
     if spec.startswith("random:"):
         return [random.randrange(1 << 30) for _ in range(int(spec.split(":", 1)[1]))]
     return [int(s) for s in spec.split(",")]
