@@ -44,6 +44,7 @@ async def follow(
     started = time.monotonic()
     events = gaps = 0
     sub: Subscription | None = None
+    interrupted = False
     try:
         async with asyncio.timeout(duration):
             retry = backoff or Backoff(base=0.1, cap=5.0, attempts=10)
@@ -59,6 +60,10 @@ async def follow(
                         _print_gap(item, json_lines, out)
     except TimeoutError:
         pass  # --duration ended it
+    except asyncio.CancelledError:
+        # Ctrl-C: leaving `connect` closed the connection with 1000; say so, then let the
+        # caller pick the exit status.
+        interrupted = True
     except SubscriptionError as exc:
         err.write(f"wirestate client: {_why(exc)}\n")
         return 1
@@ -70,14 +75,24 @@ async def follow(
         "gaps": gaps,
         "reconnects": reconnects,
     }
+    closed = sub.closed_with if sub is not None else None
+    if interrupted:
+        summary["end"] = "interrupted"
+        summary["close"] = None if closed is None else {"code": closed, "by": "client"}
     if json_lines:
         out.write(orjson.dumps({"summary": summary}).decode() + "\n")
     else:
+        end = ""
+        if interrupted:
+            how = "not connected" if closed is None else f"closed {closed} by this client"
+            end = f" (interrupted; {how})"
         out.write(
             f"--- {summary['url']} followed for {summary['duration']} s: {events} events,"
             f" {gaps} gaps,"
-            f" {reconnects} reconnects ---\n"
+            f" {reconnects} reconnects{end} ---\n"
         )
+    if interrupted:
+        raise asyncio.CancelledError
     return 0
 
 

@@ -245,6 +245,9 @@ class Subscription:
         self.duplicates = 0
         self.client_id: str | None = None
         self._ws: ClientConnection | None = None
+        #: The close code of the connection open when the ``async with`` was left (1000 from
+        #: this side, unless the server's close crossed it); None when none was open.
+        self.closed_with: int | None = None
         self._failures = 0  # consecutive failed attempts since the last welcome
         self._interval = 0.0
         self._timeout = 0.0
@@ -274,6 +277,7 @@ class Subscription:
         if ws is not None:
             # Idempotent; websockets bounds it by close_timeout, then drops TCP.
             await ws.close(CloseCode.NORMAL)
+            self.closed_with = ws.close_code
 
     def __aiter__(self) -> Self:
         return self

@@ -20,6 +20,7 @@ from wirestate.adapters.server.bus import BusUnavailable
 from wirestate.adapters.server.dashboard import Dashboard
 from wirestate.adapters.server.metrics import CONTENT_TYPE
 from wirestate.adapters.server.routes import (
+    JSON,
     HttpApp,
     HttpRequest,
     HttpResponse,
@@ -57,7 +58,16 @@ class Endpoints:
             .get(WS_PATH, self.websocket_status)
         )
         # GET /, /static/<asset> and /api/snapshot: the live dashboard
-        self.app: HttpApp = Dashboard(service.dashboard_snapshot, service.auth).mount(router)
+        self.routes: HttpApp = Dashboard(service.dashboard_snapshot, service.auth).mount(router)
+
+    async def app(self, request: HttpRequest) -> HttpResponse:
+        """What transports serve: the Host and Origin checks of an upgrade (`Admission.screen`)
+        on every path, then the routes."""
+        refusal = self.service.admission.screen(request.header("host"), request.header("origin"))
+        if refusal is not None:
+            code = "misdirected_request" if refusal.status == 421 else "origin_not_allowed"
+            return error_response(refusal.status, code, refusal.text.strip())
+        return await self.routes(request)
 
     async def healthz(self, request: HttpRequest) -> HttpResponse:
         return json_response({"status": "ok"})
@@ -106,6 +116,11 @@ class Endpoints:
             )
         except AuthError as exc:
             return error_response(401, "unauthorized", f"a valid token is required ({exc.reason})")
+        media_type = (request.header("content-type") or "").partition(";")[0].strip().lower()
+        if media_type != JSON:
+            # No form or text/plain body: a page on another site cannot publish with a
+            # "simple" request that skips the browser's CORS preflight.
+            return error_response(415)
         try:
             # The parser the WebSocket path uses too (exact integers, the same depth limit):
             # one rule for what a publish may carry, whichever way it comes.

@@ -352,11 +352,21 @@ def cmd_loadtest(args: argparse.Namespace, stdout: TextIO) -> int:
         return 130
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("wirestate")
+    except PackageNotFoundError:  # pragma: no cover - run from a tree that was never installed
+        return "unknown (not installed)"
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="wirestate",
         description="A real-time event hub over WebSocket with machine-checked state machines.",
     )
+    p.add_argument("--version", action="version", version=f"wirestate {_version()}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     check = sub.add_parser(

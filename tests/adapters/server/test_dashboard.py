@@ -389,7 +389,9 @@ async def test_unknown_asset_names_are_404_and_reach_no_file(
     # Raw bytes on the socket: no client library normalizes the path on the way.
     reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
     try:
-        writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+        writer.write(
+            f"GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n".encode()
+        )
         async with asyncio.timeout(WAIT):
             answer = await reader.read()
     finally:

@@ -27,6 +27,8 @@ from wirestate.core.lifecycle import PUMPS, ConnState
 from wirestate.models.settings import Settings
 from wirestate.testing.net import WAIT, connected, next_of, server_settings, until
 
+JSON_BODY = {"content-type": "application/json"}
+
 pytestmark = [
     # uvicorn's legacy "websockets" implementation, tested beside its default, says it is
     # deprecated (and websockets' legacy API with it)
@@ -156,10 +158,10 @@ async def test_http_endpoints_through_the_mount(mounted: Served) -> None:
             if line.startswith("wirestate_publish_to_write_seconds_count")
         )
         assert float(count.split()[-1]) >= 1  # the event was timed to its send
-        reply = await http.post("/publish", content=b"{oops")
+        reply = await http.post("/publish", content=b"{oops", headers=JSON_BODY)
         assert (reply.status_code, reply.json()["error"]) == (400, "bad_json")
         assert b"oops" not in reply.content
-        reply = await http.post("/publish", content=b"x" * 70_000)  # over max_message_size
+        reply = await http.post("/publish", content=b"x" * 70_000, headers=JSON_BODY)
         assert (reply.status_code, reply.json()["error"]) == (413, "payload_too_large")
         reply = await http.get("/nope")
         assert (reply.status_code, reply.json()["error"]) == (404, "not_found")
@@ -394,7 +396,7 @@ async def test_a_peer_that_never_answers_pings_is_dropped_by_the_servers_keepali
         watcher, _ = await client(f"ws://127.0.0.1:{port}/ws", "clients")  # answers pings
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         writer.write(
-            b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"GET /ws HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
             b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
         )
         head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), WAIT)
