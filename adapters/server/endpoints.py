@@ -88,21 +88,16 @@ class Endpoints:
         426 (this endpoint speaks WebSocket only). A browser cannot read the status of a
         refused upgrade, so wirestate.js asks this after a failed open, to stop retrying a
         token that cannot work instead of looping."""
-        service = self.service
-        auth = service.settings.auth
         token = token_from_request(request.headers, request.target)
-        if service.auth.required and not (
-            token is None and auth is not None and auth.first_message
-        ):
-            try:
-                service.auth.authenticate(token, now=time.time())
-            except AuthError as exc:
-                return error_response(
-                    401,
-                    "unauthorized",
-                    f"a valid token is required ({exc.reason})",
-                    (("www-authenticate", "Bearer"), *_ANY_ORIGIN),
-                )
+        try:
+            self.service.admission.grants(token)
+        except AuthError as exc:
+            return error_response(
+                401,
+                "unauthorized",
+                f"a valid token is required ({exc.reason})",
+                (("www-authenticate", "Bearer"), *_ANY_ORIGIN),
+            )
         return error_response(426, headers=(("upgrade", "websocket"), *_ANY_ORIGIN))
 
     async def metrics(self, request: HttpRequest) -> HttpResponse:

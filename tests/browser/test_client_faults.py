@@ -90,15 +90,15 @@ window.client = client;
 # --------------------------------------------------------------------------- the hubs
 
 
-#: Starts a hub (open mode, loopback) on a port, with a history size, for pages of an
-#: origin; returns the coroutine that stops it.
+#: Starts a hub on a port, with a history size, letting pages of an origin in (``[auth]
+#: allowed_origins``, no tokens); returns the coroutine that stops it.
 Start = Callable[[int, int, str], Awaitable[Callable[[], Awaitable[None]]]]
 
 
 def _config(tmp: Path, history: int, origin: str) -> Path:
     path = tmp / "hub.toml"
     lines = ["[server]", *(f"{k} = {v}" for k, v in SERVER.items())]
-    lines += ["[history]", f"size = {history}"]
+    lines += ["[history]", f"size = {history}", "[auth]", f"allowed_origins = [{origin!r}]"]
     path.write_text("\n".join(lines) + "\n")
     return path
 
@@ -130,6 +130,7 @@ def asgi_hub() -> Start:
             {
                 "server": SERVER,
                 "history": {"size": history},
+                "auth": {"allowed_origins": [origin]},
             }
         )
         app = WirestateASGI(settings)

@@ -364,6 +364,11 @@ async def test_a_plain_get_of_ws_says_426_or_401_for_a_token_the_upgrade_refuses
         assert "not.a.jwt" not in refused.text
     accepted = await guarded.get("/ws", params={"token": token()})
     assert accepted.status_code == 426
+    # As the upgrade decides: without a token, [auth] anonymous lets it in (a bad one not).
+    public = WirestateServer(settings(auth={"secret": SECRET, "anonymous": ["public.*"]}))
+    async with public, httpx.AsyncClient(base_url=f"http://127.0.0.1:{public.port}") as http_:
+        assert (await http_.get("/ws")).status_code == 426
+        assert (await http_.get("/ws", params={"token": "not.a.jwt"})).status_code == 401
     assert (
         await guarded.get("/ws", headers={"Authorization": f"Bearer {token()}"})
     ).status_code == 426
