@@ -86,7 +86,7 @@ class Admission:
         the refusal (counted and logged), the token's grants (or the anonymous ones), or None
         when the token is to come in the first message (``[auth] first_message``).
         ``token`` is called only when a token is needed."""
-        limits, auth = self.settings.limits, self.settings.auth
+        limits = self.settings.limits
         if self.closing:
             return self.refuse(503, RefusalReason.SHUTTING_DOWN, "shutting down")
         if self.connections >= limits.max_connections:
@@ -98,16 +98,25 @@ class Admission:
             return refusal
         if not self.auth.required:
             return OPEN
-        value = token()
+        try:
+            return self.grants(token())
+        except AuthError as exc:
+            # The body names the reason only: never the token, never the library's text.
+            return self.refuse(401, RefusalReason.AUTH, f"unauthorized: {exc.reason}")
+
+    def grants(self, value: str | None) -> Grants | None:
+        """What an upgrade bringing the token ``value`` (None: none) gets: `OPEN` without
+        ``[auth]``, the anonymous grants without a token under ``[auth] anonymous``, None when
+        the token is to come in the first message, else the token's grants. Raises
+        `AuthError` when the upgrade would be refused with 401. Counts nothing."""
+        auth = self.settings.auth
+        if not self.auth.required:
+            return OPEN
         if not value and self.auth.anonymous is not None:
             return self.auth.anonymous  # an auth message may still replace them
         if value is None and auth is not None and auth.first_message:
             return None  # the token comes in the first message, within a deadline
-        try:
-            return self.auth.authenticate(value, now=time.time())
-        except AuthError as exc:
-            # The body names the reason only: never the token, never the library's text.
-            return self.refuse(401, RefusalReason.AUTH, f"unauthorized: {exc.reason}")
+        return self.auth.authenticate(value, now=time.time())
 
     def screen(self, host: str | None, origin: str | None) -> Refusal | None:
         """The Host and Origin checks (`access`), for upgrades and HTTP requests alike."""

@@ -216,10 +216,8 @@ class WirestateASGI:
         if _exposed(server, scope):
             await _respond(send, error_response(403, "open_mode", OPEN_MODE), head_only)
             return
+        # A plain request to /ws is the router's (426, or 401 for a token the upgrade refuses).
         path = route_path(scope)
-        if path == WS_PATH:
-            await _respond(send, error_response(426, headers=(("upgrade", "websocket"),)), False)
-            return
         headers = tuple(
             (name.decode("latin-1").lower(), value.decode("latin-1"))
             for name, value in scope.get("headers", ())

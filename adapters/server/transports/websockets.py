@@ -247,6 +247,7 @@ class Listener:
             service.http_app,
             max_body=settings.limits.max_message_size,
             websocket_paths=(WS_PATH,),
+            app_answers_plain=True,  # GET /ws: 426, or 401 for a token the upgrade refuses
         )
 
         listener = self

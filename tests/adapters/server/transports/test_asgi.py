@@ -503,6 +503,9 @@ async def test_auth_no_token_is_401_and_a_token_lets_the_client_in(guarded: Serv
         bearer = {"Authorization": f"Bearer {token(publish=['orders.*'])}"}
         reply = await http.post("/publish", json=body, headers=bearer)
         assert (reply.status_code, reply.json()) == (200, {"seq": 1})
+        # A plain GET of /ws tells a page whether its token would be refused at the upgrade.
+        assert (await http.get("/ws", params={"token": "not.a.jwt"})).status_code == 401
+        assert (await http.get("/ws", params={"token": token()})).status_code == 426
 
 
 async def test_a_disallowed_origin_is_403(guarded: Served) -> None:
