@@ -313,12 +313,18 @@ class Welcome(_Message):
 
 class Subscribed(_Message):
     """`recovered[t]` is false when history could not cover the client's `since`; the gap
-    that explains why follows. `epoch[t]` is what the client sends back in a `SinceCursor`."""
+    that explains why follows. `epoch[t]` is what the client sends back in a `SinceCursor`.
+    `seq[t]` is where the subscription took effect: the topic's newest seq (0 when it has
+    none) for a new subscription or one already held, the `since` seq for a resume (the
+    replay follows). Resuming later from max(`seq[t]`, the last seq received) in `epoch[t]`
+    misses nothing without a gap, whether or not an event arrived. Servers before this
+    field omit it: a client then has no position for a topic that delivered nothing."""
 
     type: Literal["subscribed"] = "subscribed"
     topics: tuple[Topic, ...]
     recovered: Mapping[Topic, bool] = Field(default_factory=dict)
     epoch: Mapping[Topic, Epoch] = Field(default_factory=dict)
+    seq: Mapping[Topic, Seq] = Field(default_factory=dict)
 
 
 class Event(_Message):

@@ -3,8 +3,9 @@
 The plain ``wirestate client`` watches one connection and reports how it ended (close code
 and cause): the tool for "why did my client disconnect". With ``--reconnect`` it uses
 `wirestate.adapters.client.subscriber` instead: the connection is re-established with backoff and
-resumed from the last seq, so the output is what an application would see, every event once
-and in order or a gap naming what was lost, and the summary counts reconnects and gaps.
+resumed from the last seq (or, for a topic that delivered nothing yet, from the seq its
+``subscribed`` named), so the output is what an application would see, every event once and
+in order or a gap naming what was lost, and the summary counts reconnects and gaps.
 """
 
 from __future__ import annotations

@@ -436,8 +436,8 @@ def parser() -> argparse.ArgumentParser:
     cl.add_argument(
         "--reconnect",
         action="store_true",
-        help="follow the topics across reconnects (backoff, resume from the last seq, gaps"
-        " shown) instead of reporting how one connection ended",
+        help="follow the topics across reconnects (backoff, resume where each topic stood,"
+        " gaps shown) instead of reporting how one connection ended",
     )
     cl.set_defaults(func=cmd_client)
 

@@ -98,3 +98,11 @@ def test_vocabularies_and_limits_are_exported() -> None:
     assert subscribe["required"] == ["type", "topics"]
     gap = defs["Gap"]
     assert gap["required"] == ["type", "topic", "reason"]
+
+
+def test_subscribed_carries_each_topics_position_as_an_optional_added_field() -> None:
+    subscribed = protocol_schema()["$defs"]["Subscribed"]
+    seq = subscribed["properties"]["seq"]
+    assert seq["type"] == "object"
+    assert seq["patternProperties"][TOPIC_PATTERN]["minimum"] == 0
+    assert "seq" not in subscribed.get("required", [])  # protocol 1: older servers omit it
