@@ -37,13 +37,9 @@ def control(value: dict[str, Any]) -> bytes:
 
 
 def event(topic: str, seq: int, ts: str, data_json: str, stale: bool, age: float | None) -> bytes:
-    """An ``event`` frame; ``data_json`` is the event's data, already serialized."""
-    if not stale:
-        stale_part = ',"stale":false'
-    elif age is None:
-        stale_part = ',"stale":true'
-    else:
-        stale_part = f',"stale":true,"age":{age!r}'
+    """An ``event`` frame; ``data_json`` is the event's data, already serialized. A stale
+    one carries its ``age`` (`Hub.publish` checks it)."""
+    stale_part = f',"stale":true,"age":{age!r}' if stale else ',"stale":false'
     return (
         f'{{"type":"event","topic":{dumps(topic).decode()},"seq":{seq},'
         f'"ts":"{ts}","data":{data_json}{stale_part}}}'

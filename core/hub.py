@@ -523,8 +523,12 @@ class Hub:
         """Publish an event to every subscriber of the topic; returns its seq.
 
         ``data`` must be JSON-serializable (``TypeError`` otherwise, before anything
-        changes). Raises `TopicLimit` when the topic does not exist and ``max_topics`` do.
-        Never waits: a full outbox is handled by the topic's overflow policy."""
+        changes); a ``stale`` value carries its ``age`` and only it does (``ValueError``
+        otherwise: the protocol says so). Raises `TopicLimit` when the topic does not exist
+        and ``max_topics`` do. Never waits: a full outbox is handled by the topic's overflow
+        policy."""
+        if stale != (age is not None):
+            raise ValueError("a stale event carries its age, and only a stale one does")
         body = frames.dumps(data).decode()
         topic = self._topic(topic_name)
         seq = topic.seq + 1

@@ -134,6 +134,10 @@ class ServerSettings(_Section):
     #: believed: from them, the client's address is the right-most hop not in this list.
     #: From anyone else those headers are ignored.
     trusted_proxies: tuple[str, ...] = ()
+    #: The header those proxies write the client's address in: "x-forwarded-for", or
+    #: "forwarded" (RFC 7239, its ``for=``). Only this one is read: the other is passed
+    #: through as the client wrote it.
+    forwarded_header: Literal["x-forwarded-for", "forwarded"] = "x-forwarded-for"
     #: Host names (no port) the hub answers to; empty: any with ``[auth]``, loopback names only
     #: in open mode. Anything else is refused with 421 on every path.
     allowed_hosts: tuple[str, ...] = ()

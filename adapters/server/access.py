@@ -8,17 +8,21 @@ Rules of this module:
 * **Host.** With ``[server] allowed_hosts``, the Host header's name (port aside, case and a
   trailing dot ignored) must be one of them. Without it, open mode (no ``[auth]``) answers
   loopback names only (``localhost``, ``*.localhost``, 127.0.0.0/8, ``::1``), so a page
-  whose host name was rebound to 127.0.0.1 reaches nothing; with ``[auth]`` any name is
-  answered (the token is the check). A request without a Host header (HTTP/1.0 tools) is not
-  a browser's and passes.
+  whose host name was rebound to 127.0.0.1 reaches nothing; so does ``[auth]
+  allowed_origins`` alone (no token is checked there either: a rebound page's same-origin
+  GET carries no Origin). With tokens, any name is answered (the token is the check). A
+  request without a Host header (HTTP/1.0 tools) is not a browser's and passes.
 * **Origin.** A request without ``Origin`` is not a page's and passes. With ``[auth]
   allowed_origins`` the origin must be one of them (``null`` never is). Without it, open mode
-  answers only its own pages: a loopback origin (or one named in ``allowed_hosts``) on the
-  port of the request's Host; with ``[auth]`` and no list, the Origin is not checked.
+  answers only its own pages: a loopback origin (or, with ``allowed_hosts``, one of those
+  names) on the port of the request's Host; with tokens and no list, the Origin is not
+  checked.
 * **Client address.** Only when the peer is in ``[server] trusted_proxies``: the right-most
-  hop of ``Forwarded`` (its ``for=`` parameters), else of ``X-Forwarded-For``, that is not
-  itself a trusted proxy. Hops left of it were written by the client and are never read. A
-  hop that is not an address (``unknown``, an obfuscated name) ends the walk at the peer.
+  hop of the one header the proxy writes (``[server] forwarded_header``: ``X-Forwarded-For``
+  or ``Forwarded``'s ``for=``) that is not itself a trusted proxy. The other header is never
+  read: a proxy passes it through as the client wrote it. Hops left of the chosen one were
+  written by the client and are never read either. A hop that is not an address
+  (``unknown``, an obfuscated name) ends the walk at the peer.
 """
 
 from __future__ import annotations
@@ -69,7 +73,9 @@ def split_host(value: str) -> tuple[str, int | None] | None:
         return None
     if port_text is None:
         return name, None
-    if not port_text.isdigit() or len(port_text) > 5 or int(port_text) > 65535:
+    if not (port_text.isascii() and port_text.isdigit()) or len(port_text) > 5:
+        return None
+    if int(port_text) > 65535:
         return None
     return name, int(port_text)
 
@@ -77,14 +83,20 @@ def split_host(value: str) -> tuple[str, int | None] | None:
 class Access:
     """The Host, Origin and client-address rules of one hub (the module docstring)."""
 
-    __slots__ = ("allowed_hosts", "allowed_origins", "open", "proxies")
+    __slots__ = ("allowed_hosts", "allowed_origins", "forwarded_header", "open", "proxies")
 
     def __init__(self, settings: Settings) -> None:
         server, auth = settings.server, settings.auth
-        #: No ``[auth]`` at all: the hub's own pages and the operator's tools only.
-        self.open = auth is None
+        #: No token is checked (no ``[auth]``, or ``allowed_origins`` alone): nothing but the
+        #: Host name stops a rebound page's same-origin GET (which carries no Origin).
+        self.open = auth is None or not auth.tokens
         self.allowed_origins = auth.allowed_origins if auth is not None else ()
-        self.allowed_hosts = frozenset(h.lower().rstrip(".") for h in server.allowed_hosts)
+        self.allowed_hosts = frozenset(
+            h.lower().rstrip(".").strip("[]") for h in server.allowed_hosts
+        )
+        #: The one header a trusted proxy writes the client's address in (the other is the
+        #: client's own, passed through, so it is never read).
+        self.forwarded_header = server.forwarded_header
         self.proxies: tuple[_Network, ...] = tuple(
             ipaddress.ip_network(entry, strict=False) for entry in server.trusted_proxies
         )
@@ -113,7 +125,8 @@ class Access:
         if parsed is None:
             return True
         scheme, name, port = parsed
-        if not (loopback_name(name) or name in self.allowed_hosts):
+        name = name.rstrip(".")
+        if not (name in self.allowed_hosts if self.allowed_hosts else loopback_name(name)):
             return True
         own = split_host(host) if host is not None else None
         if own is None:
@@ -124,7 +137,7 @@ class Access:
         """The client's address: ``peer``, or what a trusted proxy says it forwarded."""
         if not self.proxies or not self._trusted_text(peer):
             return peer
-        hops = _hops(headers)
+        hops = _hops(headers, self.forwarded_header)
         for hop in reversed(hops):
             address = _address(hop)
             if address is None:
@@ -148,22 +161,22 @@ class Access:
         return any(address in network for network in self.proxies)
 
 
-def _hops(headers: Iterable[tuple[str, str]]) -> list[str]:
-    """The forwarded-for hops, left to right: ``Forwarded``'s when any, else
-    ``X-Forwarded-For``'s. Repeated headers are read in order, as one list."""
-    forwarded: list[str] = []
-    xff: list[str] = []
+def _hops(headers: Iterable[tuple[str, str]], which: str) -> list[str]:
+    """The forwarded-for hops of header ``which`` (``forwarded``: its ``for=`` parameters;
+    ``x-forwarded-for``: its list), left to right, repeated headers read in order."""
+    hops: list[str] = []
     for name, value in headers:
-        lower = name.lower()
-        if lower == "forwarded":
+        if name.lower() != which:
+            continue
+        if which == "forwarded":
             for element in value.split(","):
                 for pair in element.split(";"):
                     key, sep, val = pair.strip().partition("=")
                     if sep and key.strip().lower() == "for":
-                        forwarded.append(val.strip().strip('"'))
-        elif lower == "x-forwarded-for":
-            xff.extend(part.strip() for part in value.split(","))
-    return forwarded or [hop for hop in xff if hop]
+                        hops.append(val.strip().strip('"'))
+        else:
+            hops.extend(part.strip() for part in value.split(","))
+    return [hop for hop in hops if hop]
 
 
 def _address(hop: str) -> _Address | None:

@@ -234,6 +234,11 @@ class WirestateServer:
                 "open mode beyond loopback (open_beyond_loopback): no token is checked, so"
                 " whoever reaches this address may subscribe and publish"
             )
+        elif self.settings.auth is not None and not self.auth.required:
+            log.warning(
+                "no token is checked ([auth] allowed_origins alone): pages from other origins"
+                " are refused, anything else may subscribe and publish; serving loopback only"
+            )
         elif not self.auth.required:
             log.warning(
                 "open mode: no [auth] configured, so every client may subscribe and publish;"

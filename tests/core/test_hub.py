@@ -293,7 +293,10 @@ def test_events_carry_topic_consecutive_seq_ts_data_and_stale() -> None:
     ]
     assert hub.publish("system_status", {"cpu": 0.5}, 1.25) == 1
     assert hub.publish("system_status", {"cpu": 0.6}, 2.0, stale=True, age=3.5) == 2
-    assert hub.publish("system_status", {"cpu": 0.7}, 2.5, stale=True) == 3
+    for stale, age in ((True, None), (False, 1.0)):  # the protocol's rule, refused early
+        with pytest.raises(ValueError, match="stale event carries its age"):
+            hub.publish("system_status", {"cpu": 0.7}, 2.5, stale=stale, age=age)
+    assert hub.publish("system_status", {"cpu": 0.7}, 2.5, stale=True, age=0.0) == 3
     got = frames(hub, conn)
     assert got[0] == {
         "type": "event",
@@ -304,8 +307,7 @@ def test_events_carry_topic_consecutive_seq_ts_data_and_stale() -> None:
         "stale": False,
     }
     assert (got[1]["stale"], got[1]["age"]) == (True, 3.5)
-    assert got[2]["stale"] is True
-    assert "age" not in got[2]
+    assert (got[2]["stale"], got[2]["age"]) == (True, 0.0)
 
 
 def test_a_new_subscriber_first_gets_the_retained_latest_value() -> None:

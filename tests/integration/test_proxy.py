@@ -105,10 +105,10 @@ async def test_each_client_behind_the_proxy_is_counted_and_logged_as_itself(
     await until_true(lambda: listening(nginx))
     caplog.set_level(logging.INFO, logger="wirestate.server")
     first = await through(nginx, "127.0.0.2")
-    # a forged header is kept left of what nginx appends, and never read
-    second = await through(
-        nginx, "127.0.0.2", additional_headers={"X-Forwarded-For": "203.0.113.66"}
-    )
+    # a forged X-Forwarded-For is kept left of what nginx appends, and never read; a forged
+    # Forwarded is passed through by nginx, and never read either
+    forged = {"X-Forwarded-For": "203.0.113.66", "Forwarded": "for=198.51.100.1"}
+    second = await through(nginx, "127.0.0.2", additional_headers=forged)
     with pytest.raises(InvalidStatus) as refused:
         await through(nginx, "127.0.0.2")
     assert refused.value.response.status_code == 429  # its own limit, not the proxy's

@@ -306,6 +306,10 @@ class Listener:
             return ws.respond(404, "no WebSocket endpoint here; connect to /ws\n")
         admission = self.service.admission
         raw = list(request.headers.raw_items())
+        if _count(raw, "host") > 1 or _count(raw, "origin") > 1:
+            # h11 and uvicorn refuse a repeated Host too; no browser sends either twice.
+            refusal = admission.refuse(400, RefusalReason.HOST, "one Host, at most one Origin")
+            return ws.respond(refusal.status, refusal.text)
         ip = admission.access.client_ip(_ip(ws), raw)
         decision = admission.decide(
             ip,
@@ -362,3 +366,7 @@ def _ip(ws: ServerConnection) -> str:
 def _first(headers: Iterable[tuple[str, str]], name: str) -> str | None:
     """The first value of header ``name`` (lower case), repeated or not."""
     return next((value for key, value in headers if key.lower() == name), None)
+
+
+def _count(headers: Iterable[tuple[str, str]], name: str) -> int:
+    return sum(key.lower() == name for key, _ in headers)

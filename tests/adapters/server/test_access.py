@@ -36,6 +36,15 @@ def access(**sections: Any) -> Access:
 # -- the rules -----------------------------------------------------------------------------
 
 
+def test_a_proxy_that_writes_forwarded_is_read_from_that_header_only() -> None:
+    rules = access(server={"trusted_proxies": ["127.0.0.1"], "forwarded_header": "forwarded"})
+    forwarded = ("Forwarded", 'for=192.0.2.60;proto=http, for="[2001:db8::1]:4711"')
+    assert rules.client_ip("127.0.0.1", [forwarded]) == "2001:db8::1"
+    assert rules.client_ip("127.0.0.1", [("Forwarded", "for=192.0.2.60:1234")]) == "192.0.2.60"
+    assert rules.client_ip("127.0.0.1", [("X-Forwarded-For", "9.9.9.9")]) == "127.0.0.1"
+    assert rules.client_ip("127.0.0.1", [("Forwarded", "proto=https")]) == "127.0.0.1"
+
+
 @pytest.mark.parametrize(
     ("value", "parsed"),
     [
@@ -49,6 +58,7 @@ def access(**sections: Any) -> Access:
         ("host:", None),
         ("", None),
         ("evil.example/x", None),
+        ("localhost:\u00b2", None),  # a digit to str.isdigit, not to int()
     ],
 )
 def test_host_headers_are_split_into_name_and_port(
@@ -78,6 +88,26 @@ def test_allowed_hosts_pin_the_names_with_or_without_auth() -> None:
     assert not pinned.host_refused("HUB.example.com.:443")
     assert pinned.host_refused("localhost:12080")
     assert not access(auth={"secret": SECRET}).host_refused("anything.example")
+    assert not access(server={"allowed_hosts": ["[::1]"]}).host_refused("[::1]:80")
+
+
+def test_an_origin_list_without_tokens_still_answers_loopback_host_names_only() -> None:
+    # no token is checked, so a rebound page's same-origin GET (no Origin) must meet the Host
+    rules = access(auth={"allowed_origins": ["https://app.example.com"]})
+    assert rules.host_refused("evil.example:12080")
+    assert not rules.host_refused("localhost:12080")
+    named = access(
+        auth={"allowed_origins": ["https://app.example.com"]},
+        server={"allowed_hosts": ["hub.intranet"]},
+    )
+    assert not named.host_refused("hub.intranet")
+
+
+def test_with_allowed_hosts_only_those_names_are_the_hubs_own_origins() -> None:
+    rules = access(server={"allowed_hosts": ["hub.example.com"]})
+    assert not rules.origin_refused("https://hub.example.com", "hub.example.com")
+    assert rules.origin_refused("http://localhost", "hub.example.com")
+    assert not access().origin_refused("http://localhost.:12080", "localhost.:12080")
 
 
 def test_open_mode_takes_only_its_own_pages_origin() -> None:
@@ -110,20 +140,13 @@ def test_an_origin_allowlist_replaces_the_own_origin_rule() -> None:
         ("127.0.0.1", [("X-Forwarded-For", "203.0.113.9")], "203.0.113.9"),
         ("127.0.0.1", [("x-forwarded-for", "6.6.6.6, 203.0.113.9, 10.0.0.2")], "203.0.113.9"),
         ("127.0.0.1", [("X-Forwarded-For", "6.6.6.6"), ("X-Forwarded-For", "7.7.7.7")], "7.7.7.7"),
-        (
-            "127.0.0.1",
-            [("Forwarded", 'for=192.0.2.60;proto=http, for="[2001:db8::1]:4711"')],
-            "2001:db8::1",
-        ),
-        (
-            "127.0.0.1",
-            [("Forwarded", "for=192.0.2.60:1234"), ("X-Forwarded-For", "9.9.9.9")],
-            "192.0.2.60",
-        ),
+        # the header the proxy does not write is the client's own: never read
+        ("127.0.0.1", [("Forwarded", "for=192.0.2.60")], "127.0.0.1"),
         ("127.0.0.1", [("X-Forwarded-For", "10.0.0.3, 10.0.0.2")], "10.0.0.3"),  # all trusted
         ("127.0.0.1", [("X-Forwarded-For", "203.0.113.9, unknown")], "127.0.0.1"),
         ("127.0.0.1", [], "127.0.0.1"),
         ("::ffff:127.0.0.1", [("X-Forwarded-For", "203.0.113.9")], "203.0.113.9"),
+        ("127.0.0.1", [("X-Forwarded-For", "1.2.3.4:80"), ("x-forwarded-for", " ")], "1.2.3.4"),
         # from anyone else the headers are the client's own words: ignored
         ("198.51.100.4", [("X-Forwarded-For", "203.0.113.9")], "198.51.100.4"),
         ("?", [("X-Forwarded-For", "203.0.113.9")], "?"),
@@ -208,6 +231,31 @@ async def test_a_rebound_host_name_reaches_nothing_in_open_mode(open_hub: Wirest
         port, f"GET /api/snapshot HTTP/1.1\r\nHost: localhost:{port}\r\nConnection: close\r\n\r\n"
     )
     assert status == 200
+
+
+async def test_a_repeated_host_or_origin_is_refused_at_the_upgrade(
+    open_hub: WirestateServer,
+) -> None:
+    port = open_hub.port
+    for extra in (f"Host: evil.example:{port}\r\n", f"Origin: http://localhost:{port}\r\n" * 2):
+        upgrade = (
+            f"GET /ws HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n{extra}Upgrade: websocket\r\n"
+            "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+            "Sec-WebSocket-Version: 13\r\n\r\n"
+        )
+        status, _ = await http_raw(port, upgrade)
+        assert status == 400, extra
+
+
+async def test_a_rebound_host_reads_nothing_from_an_origin_list_without_tokens() -> None:
+    settings = server_settings({"auth": {"allowed_origins": ["https://app.example.com"]}})
+    async with WirestateServer(settings) as server:
+        port = server.port
+        for host, status in ((f"evil.example:{port}", 421), (f"localhost:{port}", 200)):
+            got, _ = await http_raw(
+                port, f"GET /api/snapshot HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+            )
+            assert got == status, host
 
 
 async def test_no_simple_cross_site_request_can_publish(open_hub: WirestateServer) -> None:
