@@ -3,6 +3,8 @@
     python bench/peers.py [--sizes 100,1000,5000] [--runs 3] [--events 200]
                           [--scale 1000,5000,10000,max] [--json bench/results/peers.json]
                           [--markdown bench/results/peers.md] [--loop asyncio|uvloop]
+    python bench/peers.py --workload many-topics [-n 10000] [--rate 5000] [--every 100]
+                          [--duration 20] [--loops asyncio,uvloop] [--runs 3] [--json ...]
 
 Every server under test runs in its own process pinned to CPU 0 (taskset), the load client
 in another pinned to CPU 1, compression off everywhere. The load client is
@@ -32,6 +34,18 @@ p50/p99/max (CLOCK_MONOTONIC, shared by both processes).
 Connection scale, per server (wirestate and ws_broadcast) and K: K idle connections opened
 200 at a time; handshakes/s (client side, first connect to last welcome) and the server's RSS
 growth per connection once all K are held.
+
+Many topics (``--workload many-topics``): every client subscribes to a topic of its own
+(``t.<i>``) and to ``shared``; one publisher connection sends ``--rate`` publishes/s over
+WebSocket, round-robin over the own topics and one in ``--every`` to ``shared``, for
+``--duration`` seconds. Most publishes reach one client, so there is little to coalesce.
+Targets (``--targets``): wirestate, ``ws_plain`` (a websockets hub that parses each publish
+and forwards it with ``broadcast()`` to the topic's subscribers) and ``floor`` (one blocking
+loopback ``send()`` of the event frame per delivery, round-robin over N TCP connections, on
+the same schedule), wirestate and ws_plain once per loop in ``--loops``. Server CPU per
+delivery is the server child's user+system time (``/proc/<pid>/stat``) from the first
+publish until the last delivery arrived, publish ingestion included; the floor's is the CPU
+of its sends alone.
 
 Medians over ``--runs`` runs, the servers interleaved within each run so that drift hits them
 alike; the ratios are wirestate / peer from the same run. Then the core's micro-benchmarks
@@ -424,15 +438,16 @@ SHARED = "shared"
 
 def _schedule(n: int, rate: float, every: int, duration: float) -> tuple[int, int, int]:
     """(publishes, of them to the shared topic, deliveries) of one run: publish i goes to
-    the shared topic when i % every == every - 1, to the next own topic otherwise."""
+    the shared topic when i % every == every - 1, to the next own topic otherwise (every
+    publish to an own topic when every is 0)."""
     publishes = int(rate * duration)
-    shared = publishes // every
+    shared = publishes // every if every else 0
     return publishes, shared, publishes - shared + shared * n
 
 
 def _topic_of(i: int, every: int, own: int, n: int) -> tuple[str, int]:
     """Publish i's topic and the next own-topic index."""
-    if i % every == every - 1:
+    if every and i % every == every - 1:
         return SHARED, own
     return f"t.{own}", (own + 1) % n
 
@@ -557,7 +572,7 @@ def _floor(port: int, n: int, rate: float, every: int, duration: float) -> None:
         due = min(publishes, int((time.monotonic() - start) * rate) + 1)
         cpu0 = cpu()
         while i < due:
-            if i % every == every - 1:
+            if every and i % every == every - 1:
                 targets = socks
             else:
                 targets = [socks[own]]
@@ -884,14 +899,18 @@ def main() -> int:
     )
     ap.add_argument("--rate", type=float, default=5000.0, help="many-topics: publishes/s")
     ap.add_argument(
-        "--every", type=int, default=100, help="many-topics: one publish in EVERY is shared"
+        "--every",
+        type=int,
+        default=100,
+        help="many-topics: one publish in EVERY goes to the shared topic (0: none)",
     )
     ap.add_argument("--duration", type=float, default=20.0, help="many-topics: seconds")
     ap.add_argument(
         "--drain",
         type=float,
-        default=30.0,
-        help="many-topics: seconds the clients wait for the last deliveries",
+        default=120.0,
+        help="many-topics: seconds the clients wait for the last deliveries after the last"
+        " publish (what has not arrived by then counts as lost)",
     )
     ap.add_argument(
         "--loops", default="asyncio,uvloop", help="many-topics: event loops, one row each"
@@ -1094,7 +1113,8 @@ def mt_markdown(report: dict[str, Any]) -> str:
     p = report["params"]
     lines = [
         f"{p['clients']:,} clients, {p['rate']:,.0f} publishes/s for {p['duration']:g} s,"
-        f" one in {p['every']} shared: {p['deliveries']:,} deliveries",
+        + (f" one in {p['every']} shared" if p["every"] else " none shared")
+        + f": {p['deliveries']:,} deliveries",
         "",
         "| loop | server | CPU us/delivery | deliveries/s | p50 / p99 ms |"
         " own-topic p50 / p99 ms | lost | client busy | vs plain | vs floor |",
