@@ -3,6 +3,8 @@
     python bench/peers.py [--sizes 100,1000,5000] [--runs 3] [--events 200]
                           [--scale 1000,5000,10000,max] [--json bench/results/peers.json]
                           [--markdown bench/results/peers.md] [--loop asyncio|uvloop]
+    python bench/peers.py --workload many-topics [-n 10000] [--rate 5000] [--every 100]
+                          [--duration 20] [--loops asyncio,uvloop] [--runs 3] [--json ...]
 
 Every server under test runs in its own process pinned to CPU 0 (taskset), the load client
 in another pinned to CPU 1, compression off everywhere. The load client is
@@ -32,6 +34,18 @@ p50/p99/max (CLOCK_MONOTONIC, shared by both processes).
 Connection scale, per server (wirestate and ws_broadcast) and K: K idle connections opened
 200 at a time; handshakes/s (client side, first connect to last welcome) and the server's RSS
 growth per connection once all K are held.
+
+Many topics (``--workload many-topics``): every client subscribes to a topic of its own
+(``t.<i>``) and to ``shared``; one publisher connection sends ``--rate`` publishes/s over
+WebSocket, round-robin over the own topics and one in ``--every`` to ``shared``, for
+``--duration`` seconds. Most publishes reach one client, so there is little to coalesce.
+Targets (``--targets``): wirestate, ``ws_plain`` (a websockets hub that parses each publish
+and forwards it with ``broadcast()`` to the topic's subscribers) and ``floor`` (one blocking
+loopback ``send()`` of the event frame per delivery, round-robin over N TCP connections, on
+the same schedule), wirestate and ws_plain once per loop in ``--loops``. Server CPU per
+delivery is the server child's user+system time (``/proc/<pid>/stat``) from the first
+publish until the last delivery arrived, publish ingestion included; the floor's is the CPU
+of its sends alone.
 
 Medians over ``--runs`` runs, the servers interleaved within each run so that drift hits them
 alike; the ratios are wirestate / peer from the same run. Then the core's micro-benchmarks
@@ -97,6 +111,9 @@ class _Target:
 
 
 class _Wirestate(_Target):
+    def __init__(self, limits: dict[str, Any] | None = None) -> None:
+        self.limits = limits or {}
+
     async def start(self, port: int) -> None:
         from wirestate.adapters.server import WirestateServer
         from wirestate.models.settings import Settings
@@ -104,7 +121,11 @@ class _Wirestate(_Target):
         settings = Settings.model_validate(
             {
                 "server": {"port": port, "send_queue_size": 1024},
-                "limits": {"max_connections": 100_000, "max_connections_per_ip": 100_000},
+                "limits": {
+                    "max_connections": 100_000,
+                    "max_connections_per_ip": 100_000,
+                    **self.limits,
+                },
             }
         )
         self.server = WirestateServer(settings, epoch="bench")
@@ -227,13 +248,10 @@ def _target(mode: str) -> _Target:
     raise SystemExit(f"unknown mode {mode}")
 
 
-async def _serve(mode: str, port: int, n: int, events: int, scale: bool, burst: int) -> None:
-    _raise_nofile()
-    target = _target(mode)
-    await target.start(port)
-    # BENCH_GC: "shipped" (default): wirestate tunes its collector as `wirestate serve`
-    # does, the peers run as their users run them; "same": every server gets that tuning;
-    # "off": every server runs without the cyclic GC; "none": nobody tunes anything.
+def _collector(mode: str) -> None:
+    """BENCH_GC: "shipped" (default): wirestate tunes its collector as `wirestate serve`
+    does, the peers run as their users run them; "same": every server gets that tuning;
+    "off": every server runs without the cyclic GC; "none": nobody tunes anything."""
     gc_mode = os.environ.get("BENCH_GC", "shipped")
     if gc_mode == "off":
         gc.disable()
@@ -241,6 +259,13 @@ async def _serve(mode: str, port: int, n: int, events: int, scale: bool, burst: 
         from wirestate.adapters.tools.cli import tune_gc
 
         tune_gc()
+
+
+async def _serve(mode: str, port: int, n: int, events: int, scale: bool, burst: int) -> None:
+    _raise_nofile()
+    target = _target(mode)
+    await target.start(port)
+    _collector(mode)
     rss0 = _rss_kib()
     _emit({"listening": port})
     joined = target.connections if scale else target.subscribers
@@ -400,6 +425,404 @@ async def _load(mode: str, port: int, n: int, events: int, paced: int, scale: bo
         c.abort()
 
 
+# --------------------------------------------------------------------------- many topics
+#
+# Every client has a topic of its own (t.<i>) and shares one (shared). A publisher sends
+# --rate publishes/s over WebSocket, round-robin over the own topics and one in --every to
+# the shared one: most publishes reach one client, so a server cannot batch writes across
+# the clients of one event. Three servers take the same load: wirestate, a plain websockets
+# hub (`_plain_hub`) and the floor (`_floor`), one loopback send() per delivery.
+
+SHARED = "shared"
+
+
+def _schedule(n: int, rate: float, every: int, duration: float) -> tuple[int, int, int]:
+    """(publishes, of them to the shared topic, deliveries) of one run: publish i goes to
+    the shared topic when i % every == every - 1, to the next own topic otherwise (every
+    publish to an own topic when every is 0)."""
+    publishes = int(rate * duration)
+    shared = publishes // every if every else 0
+    return publishes, shared, publishes - shared + shared * n
+
+
+def _topic_of(i: int, every: int, own: int, n: int) -> tuple[str, int]:
+    """Publish i's topic and the next own-topic index."""
+    if every and i % every == every - 1:
+        return SHARED, own
+    return f"t.{own}", (own + 1) % n
+
+
+def _publish_frame(topic: str, i: int) -> str:
+    # "t" first in data: the client reads it without parsing the whole event.
+    return (
+        f'{{"type":"publish","topic":"{topic}",'
+        f'"data":{{"t":{time.monotonic():.6f},"i":{i},"pad":"{PAD}"}}}}'
+    )
+
+
+def _floor_frame() -> bytes:
+    """What the floor sends per delivery: a text frame as wirestate would send the event."""
+    body = (
+        f'{{"type":"event","topic":"t.1234","seq":1,"ts":"2026-01-01T00:00:00.000Z",'
+        f'"data":{{"t":1234.567890,"i":123456,"pad":"{PAD}"}}}}'
+    ).encode()
+    return bytes((0x81, 126)) + len(body).to_bytes(2, "big") + body
+
+
+def _proc_cpu(pid: int) -> float:
+    """User + system CPU seconds of a process (every thread), from /proc/<pid>/stat."""
+    text = Path(f"/proc/{pid}/stat").read_text()
+    fields = text[text.rindex(")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def _stdin_line() -> str:
+    return await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+
+
+async def _until_closed(ws: Any) -> Any:
+    """A connection's messages until it closes, however it closes: the load client aborts
+    its connections at the end, which is not the plain hub's failure."""
+    from websockets.exceptions import ConnectionClosed
+
+    try:
+        while True:
+            yield await ws.recv()
+    except ConnectionClosed:
+        return
+
+
+async def _plain_hub(port: int) -> Any:
+    """The plain server: parses each publish, keeps topic -> connections, forwards with
+    broadcast(). No backpressure, no history, no seq gap detection: the least a hub does."""
+    import orjson
+    from websockets.asyncio.server import broadcast, serve
+
+    subscribers: dict[str, set[Any]] = {}
+    seqs: dict[str, int] = {}
+    loads, dumps = orjson.loads, orjson.dumps
+
+    async def handler(ws: Any) -> None:
+        mine: list[str] = []
+        try:
+            async for text in _until_closed(ws):
+                msg = loads(text)
+                kind = msg.get("type")
+                if kind == "publish":
+                    topic = msg["topic"]
+                    seq = seqs.get(topic, 0) + 1
+                    seqs[topic] = seq
+                    conns = subscribers.get(topic)
+                    if conns:
+                        event = {"type": "event", "topic": topic, "seq": seq, "data": msg["data"]}
+                        broadcast(conns, dumps(event).decode())
+                elif kind == "subscribe":
+                    for topic in msg["topics"]:
+                        subscribers.setdefault(topic, set()).add(ws)
+                        mine.append(topic)
+                    await ws.send(dumps({"type": "subscribed", "topics": msg["topics"]}).decode())
+        finally:
+            for topic in mine:
+                subscribers[topic].discard(ws)
+
+    return await serve(handler, "127.0.0.1", port, compression=None, ping_interval=None)
+
+
+async def _mt_serve(mode: str, port: int) -> None:
+    """wirestate or the plain hub, until the orchestrator closes stdin."""
+    _raise_nofile()
+    if mode == "wirestate":
+        # The publisher sends thousands of messages a second; subscribers one each.
+        target = _Wirestate(limits={"messages_per_second": 1e6})
+        await target.start(port)
+        stop = target.stop
+    else:
+        server = await _plain_hub(port)
+
+        async def stop() -> None:
+            server.close()
+            await server.wait_closed()
+
+    _collector(mode)
+    _emit({"listening": port})
+    await _stdin_line()
+    await stop()
+
+
+def _floor(port: int, n: int, rate: float, every: int, duration: float) -> None:
+    """Accept n TCP connections, then on "go" send the event frame once per delivery of the
+    schedule (blocking sockets, round-robin; all n for a shared publish), paced as the
+    publisher is."""
+    _raise_nofile()
+    lsock = socket.create_server(("127.0.0.1", port), backlog=4096)
+    _emit({"listening": port})
+    socks = [lsock.accept()[0] for _ in range(n)]
+    _emit({"ready": n})
+    sys.stdin.readline()
+    frame = _floor_frame()
+    size = len(frame)
+    publishes, _, _ = _schedule(n, rate, every, duration)
+    sends = 0
+    own = 0
+    send_cpu = 0.0  # CPU of the sends alone, without the pacing's sleeps and wake-ups
+    cpu = time.process_time
+    start = time.monotonic()
+    i = 0
+    while i < publishes:
+        due = min(publishes, int((time.monotonic() - start) * rate) + 1)
+        cpu0 = cpu()
+        while i < due:
+            if every and i % every == every - 1:
+                targets = socks
+            else:
+                targets = [socks[own]]
+                own = (own + 1) % n
+            for s in targets:
+                sent = s.send(frame)
+                if sent != size:
+                    s.sendall(frame[sent:])
+            sends += len(targets)
+            i += 1
+        send_cpu += cpu() - cpu0
+        time.sleep(0.001)
+    _emit({"sends": sends, "send_cpu_s": send_cpu})
+    sys.stdin.readline()
+    for s in socks:
+        s.close()
+
+
+def _percentiles(values: Any) -> tuple[float | None, float | None]:
+    """p50 and p99 in ms."""
+    if not len(values):
+        return None, None
+    try:
+        import numpy as np
+
+        p50, p99 = np.percentile(np.frombuffer(values, dtype="d"), [50, 99])
+        return float(p50) * 1e3, float(p99) * 1e3
+    except ImportError:
+        got = sorted(values)
+        return got[len(got) // 2] * 1e3, got[int(len(got) * 0.99)] * 1e3
+
+
+async def _mt_load(
+    mode: str, port: int, n: int, rate: float, every: int, duration: float, drain: float
+) -> None:
+    """The clients and the publisher: n subscribers (own topic + shared), then, on "go",
+    the paced publishes; reports once every delivery arrived (or `drain` seconds after the
+    last publish)."""
+    from array import array
+
+    from wirestate.adapters.tools import leanws
+
+    _raise_nofile()
+    publishes, _, expected = _schedule(n, rate, every, duration)
+    now = time.monotonic
+    single, shared = array("d"), array("d")
+    received = 0
+    last = 0.0
+    errors = 0
+    subscribed = 0
+    all_in = asyncio.Event()
+    done = asyncio.Event()
+    frame_size = len(_floor_frame())
+
+    if mode == "floor":
+        got_bytes = 0
+        want_bytes = expected * frame_size
+
+        class Sink(asyncio.Protocol):
+            def data_received(self, data: bytes) -> None:
+                nonlocal got_bytes, last
+                got_bytes += len(data)
+                last = now()
+                if got_bytes >= want_bytes:
+                    done.set()
+
+        sem = asyncio.Semaphore(200)
+        loop = asyncio.get_running_loop()
+
+        async def sink() -> Any:
+            async with sem:
+                transport, _ = await loop.create_connection(Sink, "127.0.0.1", port)
+            return transport
+
+        transports = await asyncio.gather(*(sink() for _ in range(n)))
+    else:
+        # Own topics are numbered in connection order: client i subscribes to t.<i>.
+        def handler(box: list[Any], topic: str) -> Any:
+            subscribe = f'{{"type":"subscribe","topics":["{topic}","{SHARED}"]}}'.encode()
+
+            def on_text(payload: bytes) -> None:
+                nonlocal received, last, subscribed, errors
+                if payload.startswith(b'{"type":"event"'):
+                    at = payload.find(b'"t":', 40) + 4
+                    lat = now() - float(payload[at : payload.find(b",", at)])
+                    (shared if payload[25:31] == b"shared" else single).append(lat)
+                    received += 1
+                    last = now()
+                    if received >= expected:
+                        done.set()
+                elif payload.startswith(b'{"type":"welcome"'):
+                    box[0].send_text(subscribe)
+                elif payload.startswith(b'{"type":"subscribed"'):
+                    subscribed += 1
+                    if subscribed == n:
+                        all_in.set()
+                elif payload.startswith(b'{"type":"error"'):
+                    errors += 1
+
+            return on_text
+
+        path = "/ws" if mode == "wirestate" else "/"
+        sem = asyncio.Semaphore(200)
+        conns: list[Any] = []
+
+        async def one(i: int) -> None:
+            box: list[Any] = [None]
+            async with sem:
+                for attempt in range(50):
+                    try:
+                        conn = await leanws.connect(
+                            "127.0.0.1", port, path, on_text=handler(box, f"t.{i}"), timeout=30
+                        )
+                        break
+                    except OSError:
+                        await asyncio.sleep(0.05 * (attempt + 1))
+                else:
+                    raise SystemExit("could not connect")
+            box[0] = conn
+            conns.append(conn)
+            if mode != "wirestate":  # the plain hub sends no welcome
+                conn.send_text(f'{{"type":"subscribe","topics":["t.{i}","{SHARED}"]}}')
+
+        await asyncio.gather(*(one(i) for i in range(n)))
+        async with asyncio.timeout(300):
+            await all_in.wait()
+        welcomed = asyncio.Event()
+
+        def on_publisher_text(payload: bytes) -> None:
+            nonlocal errors
+            if payload.startswith(b'{"type":"welcome"'):
+                welcomed.set()
+            elif payload.startswith(b'{"type":"error"'):
+                errors += 1
+
+        publisher = await leanws.connect("127.0.0.1", port, path, on_text=on_publisher_text)
+        if mode == "wirestate":
+            async with asyncio.timeout(30):
+                await welcomed.wait()
+    # Everything set up so far lives until the end: no collection of the load client's
+    # needs to walk it again (a pause here would show as latency of the server's).
+    gc.collect()
+    gc.freeze()
+    _emit({"ready": n})
+    await _stdin_line()
+    cpu0 = time.process_time()
+    start = now()
+    if mode != "floor":
+        own = 0
+        i = 0
+        while i < publishes:
+            due = min(publishes, int((now() - start) * rate) + 1)
+            while i < due:
+                topic, own = _topic_of(i, every, own, n)
+                publisher.send_text(_publish_frame(topic, i))
+                i += 1
+            await asyncio.sleep(0.001)
+    published = now()
+    try:
+        async with asyncio.timeout(drain + (duration if mode == "floor" else 0.0)):
+            await done.wait()
+    except TimeoutError:
+        pass
+    cpu = time.process_time() - cpu0
+    if mode == "floor":
+        received = got_bytes // frame_size
+        for t in transports:
+            t.abort()
+    else:
+        for c in conns:
+            c.abort()
+        publisher.abort()
+    span = max(last - start, 1e-9)
+    p50, p99 = _percentiles(single + shared)
+    sp50, sp99 = _percentiles(single)
+    _emit(
+        {
+            "expected": expected,
+            "received": received,
+            "deliveries_per_s": received / span,
+            "publishes_per_s": None
+            if mode == "floor"
+            else publishes / max(published - start, 1e-9),
+            "p50_ms": p50,
+            "p99_ms": p99,
+            "single_p50_ms": sp50,
+            "single_p99_ms": sp99,
+            "errors": errors,
+            "client_busy": cpu / span,
+        }
+    )
+
+
+def mt_run(
+    target: str, loop: str, n: int, rate: float, every: int, duration: float
+) -> dict[str, Any]:
+    """One measurement of the many-topics workload: the server child's CPU from "go" until
+    the client has every delivery (or gave up draining)."""
+    port = _free_port()
+    flags = ["--mode", target, "--port", str(port), "-n", str(n), "--rate", str(rate)]
+    flags += ["--every", str(every), "--duration", str(duration)]
+    role = "mt-floor" if target == "floor" else "mt-server"
+    server = subprocess.Popen(
+        _pinned(0, loop, "--role", role, *flags),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    client = None
+    try:
+        assert server.stdin is not None
+        assert server.stdout is not None
+        json.loads(server.stdout.readline())  # listening
+        client = subprocess.Popen(
+            _pinned(1, loop, "--role", "mt-client", *flags),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert client.stdin is not None
+        assert client.stdout is not None
+        json.loads(client.stdout.readline())  # every client connected and subscribed
+        if target == "floor":
+            json.loads(server.stdout.readline())  # every connection accepted
+        cpu0 = _proc_cpu(server.pid)
+        client.stdin.write("go\n")
+        client.stdin.flush()
+        if target == "floor":
+            server.stdin.write("go\n")
+            server.stdin.flush()
+        result: dict[str, Any] = json.loads(client.stdout.readline())
+        result["cpu_s"] = _proc_cpu(server.pid) - cpu0
+        if target == "floor":
+            result.update(json.loads(server.stdout.readline()))
+        server.stdin.close()
+        server.wait(timeout=60)
+        client.wait(timeout=60)
+    finally:
+        for child in (server, client):
+            if child is not None and child.poll() is None:
+                child.kill()
+                child.wait()
+    result["us_per_delivery"] = result["cpu_s"] / max(result["received"], 1) * 1e6
+    if target == "floor":
+        # The floor is the send itself: its process CPU also counts the pacing loop.
+        result["process_us_per_delivery"] = result["us_per_delivery"]
+        result["us_per_delivery"] = result["send_cpu_s"] / max(result["sends"], 1) * 1e6
+    return result
+
+
 # --------------------------------------------------------------------------- orchestration
 
 
@@ -453,11 +876,21 @@ def _median(values: list[float | None]) -> float | None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--role", choices=("orchestrate", "server", "client"), default="orchestrate")
+    ap.add_argument(
+        "--role",
+        choices=("orchestrate", "server", "client", "mt-server", "mt-floor", "mt-client"),
+        default="orchestrate",
+    )
+    ap.add_argument(
+        "--workload",
+        choices=("fanout", "many-topics"),
+        default="fanout",
+        help="fanout: the peers table (default); many-topics: a topic per client",
+    )
     ap.add_argument("--mode", default="wirestate")
     ap.add_argument("--modes", default="wirestate,ws_broadcast,ws_send,socketio")
     ap.add_argument("--port", type=int, default=0)
-    ap.add_argument("-n", type=int, default=1000)
+    ap.add_argument("-n", type=int, help="clients (many-topics: default 10,000)")
     ap.add_argument("--events", type=int, default=200)
     ap.add_argument("--paced", type=int, default=30)
     ap.add_argument("--sizes", default="100,1000,5000")
@@ -470,6 +903,25 @@ def main() -> int:
     ap.add_argument(
         "--core-runs", type=int, default=3, help="runs of bench/core_bench.py (0 skips it)"
     )
+    ap.add_argument("--rate", type=float, default=5000.0, help="many-topics: publishes/s")
+    ap.add_argument(
+        "--every",
+        type=int,
+        default=100,
+        help="many-topics: one publish in EVERY goes to the shared topic (0: none)",
+    )
+    ap.add_argument("--duration", type=float, default=20.0, help="many-topics: seconds")
+    ap.add_argument(
+        "--drain",
+        type=float,
+        default=120.0,
+        help="many-topics: seconds the clients wait for the last deliveries after the last"
+        " publish (what has not arrived by then counts as lost)",
+    )
+    ap.add_argument(
+        "--loops", default="asyncio,uvloop", help="many-topics: event loops, one row each"
+    )
+    ap.add_argument("--targets", default="wirestate,ws_plain,floor", help="many-topics")
     ap.add_argument("--scale-run", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--json", type=Path)
     ap.add_argument("--markdown", type=Path)
@@ -478,12 +930,27 @@ def main() -> int:
         import uvloop
 
         uvloop.install()
+    if args.n is None:
+        args.n = 10_000 if args.workload == "many-topics" else 1000
     if args.role == "server":
         asyncio.run(_serve(args.mode, args.port, args.n, args.events, args.scale_run, args.burst))
         return 0
     if args.role == "client":
         asyncio.run(_load(args.mode, args.port, args.n, args.events, args.paced, args.scale_run))
         return 0
+    if args.role == "mt-server":
+        asyncio.run(_mt_serve(args.mode, args.port))
+        return 0
+    if args.role == "mt-floor":
+        _floor(args.port, args.n, args.rate, args.every, args.duration)
+        return 0
+    if args.role == "mt-client":
+        asyncio.run(
+            _mt_load(args.mode, args.port, args.n, args.rate, args.every, args.duration, args.drain)
+        )
+        return 0
+    if args.workload == "many-topics":
+        return many_topics(args)
 
     hard = _raise_nofile()
     modes = [m for m in args.modes.split(",") if m]
@@ -573,6 +1040,101 @@ def main() -> int:
     if args.markdown:
         args.markdown.write_text(md)
     return 0
+
+
+def many_topics(args: argparse.Namespace) -> int:
+    """The many-topics workload: every target in every loop, interleaved, --runs times."""
+    _raise_nofile()
+    targets = [t for t in args.targets.split(",") if t]
+    loops = [lp for lp in args.loops.split(",") if lp]
+    rows = [(lp, t) for lp in loops for t in targets if t != "floor"]
+    if "floor" in targets:
+        rows.append(("-", "floor"))  # no event loop: one row
+    raw: dict[str, list[dict[str, Any]]] = {f"{lp}/{t}": [] for lp, t in rows}
+    for r in range(args.runs):
+        for lp, t in rows:
+            res = mt_run(
+                t, "asyncio" if lp == "-" else lp, args.n, args.rate, args.every, args.duration
+            )
+            raw[f"{lp}/{t}"].append(res)
+            print(
+                f"run {r + 1} {lp}/{t}: {res['us_per_delivery']:.2f} us/delivery,"
+                f" {res['deliveries_per_s']:,.0f} deliveries/s,"
+                f" {res['received']:,}/{res['expected']:,} received,"
+                f" client busy {res['client_busy']:.0%}",
+                file=sys.stderr,
+                flush=True,
+            )
+    publishes, shared, deliveries = _schedule(args.n, args.rate, args.every, args.duration)
+    report: dict[str, Any] = {
+        "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
+        "workload": "many-topics",
+        "params": {
+            "clients": args.n,
+            "rate": args.rate,
+            "every": args.every,
+            "duration": args.duration,
+            "publishes": publishes,
+            "shared_publishes": shared,
+            "deliveries": deliveries,
+        },
+        "runs": args.runs,
+        "results": {},
+    }
+    keys = ("us_per_delivery", "deliveries_per_s", "publishes_per_s", "p50_ms", "p99_ms")
+    keys += ("single_p50_ms", "single_p99_ms", "client_busy", "process_us_per_delivery")
+    for lp, t in rows:
+        rs = raw[f"{lp}/{t}"]
+        med: dict[str, Any] = {k: _median([x.get(k) for x in rs]) for k in keys}
+        med["lost"] = sum(x["expected"] - x["received"] for x in rs)
+        med["errors"] = sum(x["errors"] for x in rs)
+        report["results"].setdefault(lp, {})[t] = med
+    floor = report["results"].get("-", {}).get("floor")
+    for row in report["results"].values():
+        w = row.get("wirestate")
+        if w is None:
+            continue
+        plain = row.get("ws_plain")
+        w["vs_plain"] = w["us_per_delivery"] / plain["us_per_delivery"] if plain else None
+        w["vs_floor"] = w["us_per_delivery"] / floor["us_per_delivery"] if floor else None
+        if plain and floor:
+            plain["vs_floor"] = plain["us_per_delivery"] / floor["us_per_delivery"]
+    md = mt_markdown(report)
+    print(md)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    if args.markdown:
+        args.markdown.write_text(md)
+    return 0
+
+
+def mt_markdown(report: dict[str, Any]) -> str:
+    def ms(a: float | None, b: float | None) -> str:
+        return "" if a is None or b is None else f"{a:.1f} / {b:.1f}"
+
+    def x(v: float | None) -> str:
+        return "" if v is None else f"{v:.2f}x"
+
+    p = report["params"]
+    lines = [
+        f"{p['clients']:,} clients, {p['rate']:,.0f} publishes/s for {p['duration']:g} s,"
+        + (f" one in {p['every']} shared" if p["every"] else " none shared")
+        + f": {p['deliveries']:,} deliveries",
+        "",
+        "| loop | server | CPU us/delivery | deliveries/s | p50 / p99 ms |"
+        " own-topic p50 / p99 ms | lost | client busy | vs plain | vs floor |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for lp, row in report["results"].items():
+        for t, m in row.items():
+            lines.append(
+                f"| {lp} | {t} | {m['us_per_delivery']:.2f} | {m['deliveries_per_s']:,.0f} |"
+                f" {ms(m['p50_ms'], m['p99_ms'])} |"
+                f" {ms(m['single_p50_ms'], m['single_p99_ms'])} | {m['lost']} |"
+                f" {m['client_busy']:.0%} | {x(m.get('vs_plain'))} | {x(m.get('vs_floor'))} |"
+            )
+    return "\n".join(lines) + "\n"
 
 
 def core(runs: int) -> dict[str, Any]:

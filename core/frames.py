@@ -37,7 +37,8 @@ def control(value: dict[str, Any]) -> bytes:
 
 
 def event(topic: str, seq: int, ts: str, data_json: str, stale: bool, age: float | None) -> bytes:
-    """An ``event`` frame; ``data_json`` is the event's data, already serialized."""
+    """An ``event`` frame; ``data_json`` is the event's data, already serialized. A stale
+    one carries its ``age`` (`Hub.publish` checks it)."""
     return (
         f'{{"type":"event","topic":{dumps(topic).decode()},"seq":{seq},'
         f'"ts":"{ts}","data":{data_json}'
@@ -45,12 +46,10 @@ def event(topic: str, seq: int, ts: str, data_json: str, stale: bool, age: float
 
 
 def event_tail(stale: bool, age: float | None) -> bytes:
-    """What follows an event's data: its ``stale`` flag, its ``age`` when it has one, and
+    """What follows an event's data: its ``stale`` flag, with its ``age`` when stale, and
     the frame's end. The bus carries it beside the data of an event published stale."""
     if not stale:
         return b',"stale":false}'
-    if age is None:
-        return b',"stale":true}'
     return f',"stale":true,"age":{age!r}}}'.encode()
 
 

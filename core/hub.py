@@ -384,7 +384,13 @@ class Hub:
     ) -> None:
         """Subscribe; ``since[topic]`` is the last seq the client has (optionally with the
         epoch it was counted in). Queues ``subscribed``, then per topic either the events
-        after ``since`` (and a ``gap`` for what history lost) or the retained latest event."""
+        after ``since`` (and a ``gap`` for what history lost) or the retained latest event.
+
+        ``subscribed`` names, per topic, the seq the subscription continues after (``seq``):
+        a client that later resumes from it, or from the last seq it received if higher,
+        misses nothing unreported. A topic the client already holds is acknowledged
+        (recovered, its current position) and nothing of it is queued again, whatever
+        ``since`` says: its events already flow, and none reaches a connection twice."""
         if not conn.accepting:
             return
         conn.bad_inputs = 0
@@ -402,16 +408,30 @@ class Hub:
         since = since or {}
         recovered: dict[str, bool] = {}
         epochs: dict[str, str] = {}
+        starts: dict[str, int] = {}
         plans: list[tuple[Topic, list[bytes | Event]]] = []
         for name in wanted:
             topic = self._topic(name)
             epochs[name] = topic.epoch
-            ok, entries = topic.resume_plan(since.get(name), now, self.config.history_max_age)
+            if name in conn.topics:
+                recovered[name] = True
+                starts[name] = self._position(conn, topic)
+                continue
+            ok, start, entries = topic.resume_plan(
+                since.get(name), now, self.config.history_max_age
+            )
             recovered[name] = ok
+            starts[name] = start
             plans.append((topic, entries))
         self._queue_control(
             conn,
-            {"type": "subscribed", "topics": wanted, "recovered": recovered, "epoch": epochs},
+            {
+                "type": "subscribed",
+                "topics": wanted,
+                "recovered": recovered,
+                "epoch": epochs,
+                "seq": starts,
+            },
             now,
         )
         for topic, entries in plans:
@@ -503,8 +523,12 @@ class Hub:
         """Publish an event to every subscriber of the topic; returns its seq.
 
         ``data`` must be JSON-serializable (``TypeError`` otherwise, before anything
-        changes). Raises `TopicLimit` when the topic does not exist and ``max_topics`` do.
-        Never waits: a full outbox is handled by the topic's overflow policy."""
+        changes); a ``stale`` value carries its ``age`` and only it does (``ValueError``
+        otherwise: the protocol says so). Raises `TopicLimit` when the topic does not exist
+        and ``max_topics`` do. Never waits: a full outbox is handled by the topic's overflow
+        policy."""
+        if stale != (age is not None):
+            raise ValueError("a stale event carries its age, and only a stale one does")
         body = frames.dumps(data).decode()
         topic = self._topic(topic_name)
         seq = topic.seq + 1
@@ -674,6 +698,15 @@ class Hub:
                 },
                 now,
             )
+
+    @staticmethod
+    def _position(conn: Connection, topic: Topic) -> int:
+        """Where a topic the client holds stands for it once a frame queued now is read:
+        every event queued before that frame has been read too, so the topic's newest seq;
+        but events dropped from a full outbox are owed as a gap that may come after the
+        frame, so then the seq before the first of them."""
+        owed = conn.owed.get(topic.name) if conn.owed else None
+        return owed[0][0] - 1 if owed else topic.seq
 
     def _topic(self, name: str) -> Topic:
         """The topic, created if need be (`TopicLimit` past ``max_topics``)."""

@@ -11,6 +11,11 @@ Rules of this module:
   events after ``since`` still in the history, preceded by a ``history_evicted`` gap for the
   ones no longer there, or an ``epoch_changed`` gap when the client counted in another
   sequence space.
+* Every plan names the seq the subscription continues after (``subscribed``'s ``seq``): each
+  later event of the topic is either in the plan, or comes live, or is in a gap. A new
+  subscriber starts after the topic's newest seq (its retained event is the current value,
+  not a missed one); a resume starts after its ``since`` (the replay follows), or after the
+  newest seq of the other numbering it is moved to.
 * Topics have a life cycle (`Topics`): the history and the retained event age by
   ``max_age`` without waiting for traffic on the topic (``sweep``, on the hub's timer), and a
   topic with no subscriber that holds nothing any more is dropped. At most ``max_topics``
@@ -116,20 +121,23 @@ class Topic:
 
     def resume_plan(
         self, since: Since | None, now: float, max_age: float
-    ) -> tuple[bool, list[bytes | Event]]:
-        """(recovered, entries to queue) for a subscriber that has everything up to
+    ) -> tuple[bool, int, list[bytes | Event]]:
+        """(recovered, start, entries to queue) for a subscriber that has everything up to
         ``since``: the retained event for a new subscriber (``since`` None); else the events
-        after ``since`` still in the history, after a gap for what it no longer holds."""
+        after ``since`` still in the history, after a gap for what it no longer holds.
+        ``start`` is the seq the subscription continues after (see the module docstring):
+        resuming later from it, or from any seq received since, loses nothing unreported."""
         self.trim(now, max_age)
+        retained: list[bytes | Event] = [self.retained] if self.retained else []
         if since is None:
-            return True, [self.retained] if self.retained else []
+            return True, self.seq, retained
         seq, epoch = since if isinstance(since, tuple) else (since, None)
         if (epoch is not None and epoch != self.epoch) or seq > self.seq:
             # Another sequence space (a restarted node): the client cannot resume into it.
             gap = frames.gap(self.name, None, None, GapReason.EPOCH_CHANGED)
-            return False, [gap, *([self.retained] if self.retained else [])]
+            return False, self.seq, [gap, *retained]
         if seq >= self.seq:
-            return True, []
+            return True, seq, []
         history = self.history
         first = history[0].seq if history else self.seq + 1
         entries: list[bytes | Event] = []
@@ -137,7 +145,7 @@ class Topic:
         if not recovered:
             entries.append(frames.gap(self.name, seq + 1, first - 1, GapReason.HISTORY_EVICTED))
         entries.extend(e for e in history if e.seq > seq)
-        return recovered, entries
+        return recovered, seq, entries
 
 
 #: How many recently published topics `Topics.recent` remembers.

@@ -21,7 +21,8 @@ Environment forms (names are case-insensitive; an empty value counts as unset):
 - flat, the ``[server]`` keys only, as the configuration reference names them: ``WIRESTATE_HOST``,
   ``WIRESTATE_PORT``, ``WIRESTATE_PING_INTERVAL``, ``WIRESTATE_PING_TIMEOUT``,
   ``WIRESTATE_SEND_QUEUE_SIZE``, ``WIRESTATE_CLOSE_TIMEOUT``, ``WIRESTATE_CERTFILE``,
-  ``WIRESTATE_KEYFILE``, ``WIRESTATE_LOOP_STALL_THRESHOLD``. When both a flat and a nested
+  ``WIRESTATE_KEYFILE``, ``WIRESTATE_LOOP_STALL_THRESHOLD`` and the rest (a list as JSON:
+  ``WIRESTATE_TRUSTED_PROXIES='["10.0.0.0/8"]'``). When both a flat and a nested
   variable name the same key, the nested one wins.
 
 A nested variable naming an unknown key (``WIRESTATE_SERVER__PROT``) is an error like a typo
@@ -40,6 +41,8 @@ are never shown: ``auth.secret`` is a `SecretStr`, and validation errors are bui
 
 from __future__ import annotations
 
+import ipaddress
+import json
 import os
 import re
 import tomllib
@@ -130,11 +133,39 @@ class ServerSettings(_Section):
     #: `wirestate serve` only: tune the cyclic GC for many long-lived connections after
     #: start-up (`gc.freeze()`, a young generation of 10,000; see `cli.tune_gc`).
     gc_tune: bool = True
+    #: Peers (addresses or CIDR ranges) whose ``Forwarded`` / ``X-Forwarded-For`` header is
+    #: believed: from them, the client's address is the right-most hop not in this list.
+    #: From anyone else those headers are ignored.
+    trusted_proxies: tuple[str, ...] = ()
+    #: The header those proxies write the client's address in: "x-forwarded-for", or
+    #: "forwarded" (RFC 7239, its ``for=``). Only this one is read: the other is passed
+    #: through as the client wrote it.
+    forwarded_header: Literal["x-forwarded-for", "forwarded"] = "x-forwarded-for"
+    #: Host names (no port) the hub answers to; empty: any with ``[auth]``, loopback names only
+    #: in open mode. Anything else is refused with 421 on every path.
+    allowed_hosts: tuple[str, ...] = ()
+    #: Open mode (no token checked) may bind a non-loopback address: for a hub behind a proxy
+    #: that authenticates, or in a container whose port is published on loopback. A warning
+    #: is logged at start.
+    open_beyond_loopback: bool = False
 
     @model_validator(mode="after")
     def _tls_pair(self) -> ServerSettings:
         if (self.certfile is None) != (self.keyfile is None):
             raise ValueError("certfile and keyfile go together: set both or neither")
+        for entry in self.trusted_proxies:
+            try:
+                ipaddress.ip_network(entry, strict=False)
+            except ValueError:
+                raise ValueError(
+                    "trusted_proxies entries are addresses or CIDR ranges such as 10.0.0.0/8"
+                ) from None
+        for name in self.allowed_hosts:
+            if not _HOST_NAME.match(name):
+                raise ValueError(
+                    "allowed_hosts entries are host names or addresses without a port,"
+                    " such as hub.example.com"
+                )
         return self
 
 
@@ -207,15 +238,18 @@ class SourceSettings(_Section):
 
 #: Browser origins are compared as scheme://host[:port]; a path would never match.
 _ORIGIN = re.compile(r"^https?://[^/?#\s]+$")
+_HOST_NAME = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+)$")
 _MIN_HS256_SECRET_BYTES = 32
 
 
 class AuthSettings(_Section):
-    """``[auth]``: present means every upgrade and POST /publish needs a JWT.
+    """``[auth]``: tokens, browser origins and anonymous topics.
 
-    HS256 (the default) verifies with `secret`, at least 32 bytes (RFC 7518, section 3.2);
-    RS256 and ES256 verify with the PEM key in `public_key_file`. Exactly one of the two is set.
-    `allowed_origins` empty: the Origin header is not checked.
+    With a key, every upgrade and POST /publish needs a JWT (but `anonymous` topics): HS256
+    (the default) verifies with `secret`, at least 32 bytes (RFC 7518, section 3.2); RS256 and
+    ES256 verify with the PEM key in `public_key_file`. At most one of the two is set.
+    Without either, `allowed_origins` alone: no token is asked for, and browsers from other
+    origins are refused. `allowed_origins` empty: the Origin header is not checked.
     """
 
     #: The HS256 key, at least 32 bytes.
@@ -231,11 +265,27 @@ class AuthSettings(_Section):
     first_message: bool = False
     #: How long a connection may stay unauthenticated waiting for that first message.
     first_message_timeout: Seconds = 5.0
+    #: Topic patterns a connection without a token may subscribe to (never publish to), as
+    #: in a token's claims: ``*`` matches any run of characters, dots included.
+    anonymous: tuple[str, ...] = ()
+
+    @property
+    def tokens(self) -> bool:
+        """Whether tokens are verified (a secret or a public key is set)."""
+        return self.secret is not None or self.public_key_file is not None
 
     @model_validator(mode="after")
     def _key_matches_algorithm(self) -> AuthSettings:
         # Messages name keys only: the secret itself must never reach an error.
-        if self.algorithm == "HS256":
+        if not self.tokens and self.algorithm == "HS256":
+            if not self.allowed_origins:
+                raise ValueError(
+                    "secret is required with algorithm HS256 (or allowed_origins alone, to"
+                    " refuse other browser origins without tokens)"
+                )
+            if self.anonymous or self.first_message:
+                raise ValueError("anonymous and first_message need tokens: set secret")
+        elif self.algorithm == "HS256":
             if self.public_key_file is not None:
                 raise ValueError("public_key_file is for RS256/ES256; HS256 uses secret")
             if self.secret is None:
@@ -247,6 +297,9 @@ class AuthSettings(_Section):
                 raise ValueError("secret is only for HS256; RS256/ES256 use public_key_file")
             if self.public_key_file is None:
                 raise ValueError(f"public_key_file is required with algorithm {self.algorithm}")
+        for pattern in self.anonymous:
+            if not pattern or len(pattern) > 128:
+                raise ValueError("anonymous entries are topic patterns of 1-128 characters")
         for origin in self.allowed_origins:
             if not _ORIGIN.match(origin):
                 raise ValueError(
@@ -470,11 +523,18 @@ def _lookup(environ: Mapping[str, str], name: str) -> str | None:
 
 
 def _environment_values(environ: Mapping[str, str]) -> dict[str, Any]:
-    flat = {
+    flat: dict[str, Any] = {
         key: value
         for key in ServerSettings.model_fields
         if (value := _lookup(environ, ENV_PREFIX + key)) is not None
     }
+    for key, value in flat.items():
+        if get_origin(ServerSettings.model_fields[key].annotation) is tuple:
+            try:  # a list, as JSON like every list variable
+                flat[key] = json.loads(value)
+            except ValueError:
+                name = ENV_PREFIX + key.upper()
+                raise ConfigError([f"{name}: not valid JSON (lists are JSON)"]) from None
     try:
         nested = _Environment(Settings, environ)()
     except _SourceError as exc:

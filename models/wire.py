@@ -30,7 +30,7 @@ names).
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Annotated, Any, ClassVar, Literal, TypeAlias
@@ -108,6 +108,8 @@ Topic: TypeAlias = Annotated[
     StringConstraints(min_length=1, max_length=MAX_TOPIC_LENGTH, pattern=TOPIC_PATTERN),
 ]
 Seq: TypeAlias = Annotated[int, Field(ge=0, le=MAX_SEQ)]
+#: An event's own number: topics count from 1 (0 only ever means "nothing yet").
+EventSeq: TypeAlias = Annotated[int, Field(ge=1, le=MAX_SEQ)]
 #: A topic's epoch: an opaque token the server mints (uuid, hex, base64url all fit).
 Epoch: TypeAlias = Annotated[
     str, StringConstraints(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
@@ -150,6 +152,17 @@ def _type_first_and_required(schema: dict[str, Any]) -> None:
     # selects the model: the published schema must say it is required.
     required = [name for name in schema.get("required", []) if name != "type"]
     schema["required"] = ["type", *required]
+
+
+def _with_rule(rule: dict[str, Any]) -> Callable[[dict[str, Any]], None]:
+    """A message's schema hook that also states a rule its validator enforces across fields
+    (``if``/``then``/``else``), so the published schema is as strict as the parser."""
+
+    def extra(schema: dict[str, Any]) -> None:
+        _type_first_and_required(schema)
+        schema.update(rule)
+
+    return extra
 
 
 class _Message(BaseModel):
@@ -300,12 +313,18 @@ class Welcome(_Message):
 
 class Subscribed(_Message):
     """`recovered[t]` is false when history could not cover the client's `since`; the gap
-    that explains why follows. `epoch[t]` is what the client sends back in a `SinceCursor`."""
+    that explains why follows. `epoch[t]` is what the client sends back in a `SinceCursor`.
+    `seq[t]` is where the subscription took effect: the topic's newest seq (0 when it has
+    none) for a new subscription or one already held, the `since` seq for a resume (the
+    replay follows). Resuming later from max(`seq[t]`, the last seq received) in `epoch[t]`
+    misses nothing without a gap, whether or not an event arrived. Servers before this
+    field omit it: a client then has no position for a topic that delivered nothing."""
 
     type: Literal["subscribed"] = "subscribed"
     topics: tuple[Topic, ...]
     recovered: Mapping[Topic, bool] = Field(default_factory=dict)
     epoch: Mapping[Topic, Epoch] = Field(default_factory=dict)
+    seq: Mapping[Topic, Seq] = Field(default_factory=dict)
 
 
 class Event(_Message):
@@ -313,18 +332,31 @@ class Event(_Message):
     a `Gap` first). `stale` events carry the cached value of a source whose breaker is open,
     with `age` seconds since it was fetched; `age` is only for stale events."""
 
+    # The validator's rule, for the JSON Schema: age with stale and only with it.
+    model_config = ConfigDict(
+        json_schema_extra=_with_rule(
+            {
+                "if": {"properties": {"stale": {"const": True}}, "required": ["stale"]},
+                "then": {"required": ["age"], "properties": {"age": {"type": "number"}}},
+                "else": {"properties": {"age": {"type": "null"}}},
+            }
+        )
+    )
+
     type: Literal["event"] = "event"
     topic: Topic
-    seq: Seq
+    seq: EventSeq
     ts: Timestamp
     data: JsonValue
     stale: bool = False
     age: Annotated[float, Field(ge=0, allow_inf_nan=False)] | None = None
 
     @model_validator(mode="after")
-    def _age_only_when_stale(self) -> Event:
+    def _age_with_stale_only(self) -> Event:
         if self.age is not None and not self.stale:
             raise ValueError("age is only sent with stale: true")
+        if self.stale and self.age is None:
+            raise ValueError("a stale event carries its age")
         return self
 
 
@@ -337,10 +369,27 @@ class Gap(_Message):
     bounds are present and ``from_seq <= to_seq``.
     """
 
+    # The validator's rule, for the JSON Schema: a range unless the epoch changed.
+    model_config = ConfigDict(
+        json_schema_extra=_with_rule(
+            {
+                "if": {"properties": {"reason": {"const": "epoch_changed"}}},
+                "then": {"properties": {"from_seq": {"type": "null"}, "to_seq": {"type": "null"}}},
+                "else": {
+                    "required": ["from_seq", "to_seq"],
+                    "properties": {
+                        "from_seq": {"type": "integer"},
+                        "to_seq": {"type": "integer"},
+                    },
+                },
+            }
+        )
+    )
+
     type: Literal["gap"] = "gap"
     topic: Topic
-    from_seq: Seq | None = None
-    to_seq: Seq | None = None
+    from_seq: EventSeq | None = None
+    to_seq: EventSeq | None = None
     reason: GapReason
 
     @model_validator(mode="after")

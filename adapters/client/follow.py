@@ -3,8 +3,9 @@
 The plain ``wirestate client`` watches one connection and reports how it ended (close code
 and cause): the tool for "why did my client disconnect". With ``--reconnect`` it uses
 `wirestate.adapters.client.subscriber` instead: the connection is re-established with backoff and
-resumed from the last seq, so the output is what an application would see, every event once
-and in order or a gap naming what was lost, and the summary counts reconnects and gaps.
+resumed from the last seq (or, for a topic that delivered nothing yet, from the seq its
+``subscribed`` named), so the output is what an application would see, every event once and
+in order or a gap naming what was lost, and the summary counts reconnects and gaps.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ async def follow(
     started = time.monotonic()
     events = gaps = 0
     sub: Subscription | None = None
+    interrupted = False
     try:
         async with asyncio.timeout(duration):
             retry = backoff or Backoff(base=0.1, cap=5.0, attempts=10)
@@ -59,6 +61,10 @@ async def follow(
                         _print_gap(item, json_lines, out)
     except TimeoutError:
         pass  # --duration ended it
+    except asyncio.CancelledError:
+        # Ctrl-C: leaving `connect` closed the connection with 1000; say so, then let the
+        # caller pick the exit status.
+        interrupted = True
     except SubscriptionError as exc:
         err.write(f"wirestate client: {_why(exc)}\n")
         return 1
@@ -70,14 +76,24 @@ async def follow(
         "gaps": gaps,
         "reconnects": reconnects,
     }
+    closed = sub.closed_with if sub is not None else None
+    if interrupted:
+        summary["end"] = "interrupted"
+        summary["close"] = None if closed is None else {"code": closed, "by": "client"}
     if json_lines:
         out.write(orjson.dumps({"summary": summary}).decode() + "\n")
     else:
+        end = ""
+        if interrupted:
+            how = "not connected" if closed is None else f"closed {closed} by this client"
+            end = f" (interrupted; {how})"
         out.write(
             f"--- {summary['url']} followed for {summary['duration']} s: {events} events,"
             f" {gaps} gaps,"
-            f" {reconnects} reconnects ---\n"
+            f" {reconnects} reconnects{end} ---\n"
         )
+    if interrupted:
+        raise asyncio.CancelledError
     return 0
 
 

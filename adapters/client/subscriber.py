@@ -36,9 +36,12 @@ Contract:
 - A dropped connection is re-established behind the iterator: after a connection that reached
   ``welcome`` the attempt count restarts at 0, each failed attempt waits
   ``Backoff.delay(attempt, rng)`` (full jitter). The new subscription carries
-  ``since = {topic: {"seq": last_seq, "epoch": epoch}}`` for every topic that has delivered
-  something, so the server replays what was missed or sends the gap; when the topic's epoch
-  changed, its ``last_seq`` is forgotten and the server's ``epoch_changed`` gap is yielded.
+  ``since = {topic: {"seq": max(position, last_seq), "epoch": epoch}}`` for every topic,
+  where `positions` holds where the last ``subscribed`` said the subscription took effect:
+  the server replays what was missed or sends the gap, also for a topic that has delivered
+  nothing yet (subscribed, cut, events published meanwhile: they all arrive). When the
+  topic's epoch changed, its ``last_seq`` and position are forgotten and the server's
+  ``epoch_changed`` gap is yielded.
 - Dead-server detection: an application ``ping`` every ``ping_interval``; when no frame at all
   arrives within ``ping_interval + ping_timeout`` (the server's values from ``welcome``
   unless given), the connection is dropped (TCP abort: a dead peer will not answer a close
@@ -49,8 +52,10 @@ Contract:
   or leaving the ``async with`` closes the websocket with 1000 (bounded by
   ``close_timeout``); `asyncio.CancelledError` propagates.
 
-Limitation: a topic that has delivered nothing yet is resubscribed without ``since``, so it
-starts again from the server's retained latest event.
+A server from before ``subscribed`` carried ``seq`` names no position: a topic that has
+delivered nothing yet is then resubscribed without ``since`` and starts again from the
+server's retained latest event, so events published while the connection was down can be
+missed without a gap. Every wirestate server sends it.
 """
 
 from __future__ import annotations
@@ -239,12 +244,18 @@ class Subscription:
         self.last_seq: dict[str, int] = {}
         #: The epoch each topic's `last_seq` is counted in (from the last ``subscribed``).
         self.epochs: dict[str, str] = {}
+        #: Where each topic's subscription took effect, in `epochs` (the last ``subscribed``'s
+        #: ``seq``): a resume starts from the higher of it and `last_seq`.
+        self.positions: dict[str, int] = {}
         #: Connections that reached ``welcome`` so far (1 after the first connect).
         self.connections = 0
         #: Frames dropped as already delivered (seq or gap range at or below `last_seq`).
         self.duplicates = 0
         self.client_id: str | None = None
         self._ws: ClientConnection | None = None
+        #: The close code of the connection open when the ``async with`` was left (1000 from
+        #: this side, unless the server's close crossed it); None when none was open.
+        self.closed_with: int | None = None
         self._failures = 0  # consecutive failed attempts since the last welcome
         self._interval = 0.0
         self._timeout = 0.0
@@ -274,6 +285,7 @@ class Subscription:
         if ws is not None:
             # Idempotent; websockets bounds it by close_timeout, then drops TCP.
             await ws.close(CloseCode.NORMAL)
+            self.closed_with = ws.close_code
 
     def __aiter__(self) -> Self:
         return self
@@ -372,11 +384,12 @@ class Subscription:
         return ws
 
     def _subscribe_frame(self) -> str:
-        since = {
-            topic: wire.SinceCursor(seq=self.last_seq[topic], epoch=self.epochs[topic])
-            for topic in self.topics
-            if topic in self.last_seq and topic in self.epochs
-        }
+        since = {}
+        for topic in self.topics:
+            epoch = self.epochs.get(topic)
+            known = [d[topic] for d in (self.last_seq, self.positions) if topic in d]
+            if epoch is not None and known:
+                since[topic] = wire.SinceCursor(seq=max(known), epoch=epoch)
         return wire.Subscribe(topics=self.topics, since=since or None).model_dump_json()
 
     # -- the live connection ------------------------------------------------------------------
@@ -456,7 +469,11 @@ class Subscription:
             if old is not None and old != epoch:
                 # Another sequence space: the old last_seq means nothing in it.
                 self.last_seq.pop(topic, None)
+                self.positions.pop(topic, None)
             self.epochs[topic] = epoch
+            position = msg.seq.get(topic)
+            if position is not None:
+                self.positions[topic] = position
 
     def _on_event(self, msg: wire.Event) -> Event | None:
         if msg.topic not in self.topics:

@@ -3,9 +3,10 @@
 Rules of this module:
 
 * One decision per upgrade, in a fixed order, the first refusal wins: shutting down (503),
-  the total connection limit (503), the per-IP limit (429), the Origin allowlist (403), the
-  token (401). A refusal is counted by reason in ``wirestate_connections_rejected_total`` and
-  logged with its reason and status, never with the token.
+  the total connection limit (503), the per-IP limit (429), the Host header (421), the
+  Origin (403; both in `access`), the token (401). A refusal is counted by reason in
+  ``wirestate_connections_rejected_total`` and logged with its reason and status, never
+  with the token. Without a token, ``[auth] anonymous`` grants its topics to subscribe to.
 * A refusal's body names the reason only: never the token, never a library's text.
 * The counts the limits read (connections in total and per peer address) change only
   through `admitted` and `released`, which the connection's session calls once each; the
@@ -16,19 +17,23 @@ Rules of this module:
 from __future__ import annotations
 
 import dataclasses
-import ipaddress
 import logging
 import time
 from collections import Counter
 from collections.abc import Callable
 from enum import StrEnum
+from typing import Final
 
-from wirestate.adapters.server.auth import OPEN, Authenticator, AuthError, Grants, origin_allowed
+from wirestate.adapters.server.access import Access, loopback
+from wirestate.adapters.server.auth import OPEN, Authenticator, AuthError, Grants
 from wirestate.models.settings import Settings
 
-__all__ = ["Admission", "Refusal", "RefusalReason", "loopback"]
+__all__ = ["HOST_REFUSED", "Admission", "Refusal", "RefusalReason", "loopback"]
 
 log = logging.getLogger("wirestate.server")
+
+#: The body of a 421: which setting decides, never the name that was asked for.
+HOST_REFUSED: Final = "this hub does not answer to that host name (see [server] allowed_hosts)"
 
 
 class RefusalReason(StrEnum):
@@ -38,6 +43,7 @@ class RefusalReason(StrEnum):
     MAX_CONNECTIONS = "max_connections"
     MAX_CONNECTIONS_PER_IP = "max_connections_per_ip"
     ORIGIN = "origin"
+    HOST = "host"  # a Host name this hub does not answer to (DNS rebinding, a wrong route)
     AUTH = "auth"
     MAX_HANDSHAKES = "max_handshakes"  # too many upgrades in flight: dropped at accept
     NOT_STARTED = "not_started"  # an ASGI app asked before its lifespan started the hub
@@ -54,20 +60,13 @@ class Refusal:
     text: str
 
 
-def loopback(host: str) -> bool:
-    """Whether ``host`` (an address or ``localhost``) is on the loopback interface."""
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return host == "localhost"
-
-
 class Admission:
     """The upgrade decision and the counts it reads (see the module docstring)."""
 
     def __init__(self, settings: Settings, auth: Authenticator, rejections: Counter[str]) -> None:
         self.settings = settings
         self.auth = auth
+        self.access = Access(settings)
         #: Set once shutdown begins: every later upgrade is refused, and a session whose
         #: upgrade was decided before it re-checks before registering.
         self.closing = False
@@ -77,31 +76,55 @@ class Admission:
         self.rejections = rejections
 
     def decide(
-        self, ip: str, origin: str | None, token: Callable[[], str | None]
+        self,
+        ip: str,
+        origin: str | None,
+        token: Callable[[], str | None],
+        host: str | None = None,
     ) -> Refusal | Grants | None:
         """The checks before accepting an upgrade from ``ip`` (module docstring). Returns
-        the refusal (counted and logged), the token's grants, or None when the token is to
-        come in the first message (``[auth] first_message``). ``token`` is called only when
-        a token is needed."""
-        limits, auth = self.settings.limits, self.settings.auth
+        the refusal (counted and logged), the token's grants (or the anonymous ones), or None
+        when the token is to come in the first message (``[auth] first_message``).
+        ``token`` is called only when a token is needed."""
+        limits = self.settings.limits
         if self.closing:
             return self.refuse(503, RefusalReason.SHUTTING_DOWN, "shutting down")
         if self.connections >= limits.max_connections:
             return self.refuse(503, RefusalReason.MAX_CONNECTIONS, "too many connections")
         if self.per_ip.get(ip, 0) >= limits.max_connections_per_ip:
             return self.refuse(429, RefusalReason.MAX_CONNECTIONS_PER_IP, "too many connections")
-        if auth is not None and not origin_allowed(origin, auth.allowed_origins):
-            return self.refuse(403, RefusalReason.ORIGIN, "origin not allowed")
+        refusal = self.screen(host, origin)
+        if refusal is not None:
+            return refusal
         if not self.auth.required:
             return OPEN
-        value = token()
-        if value is None and auth is not None and auth.first_message:
-            return None  # the token comes in the first message, within a deadline
         try:
-            return self.auth.authenticate(value, now=time.time())
+            return self.grants(token())
         except AuthError as exc:
             # The body names the reason only: never the token, never the library's text.
             return self.refuse(401, RefusalReason.AUTH, f"unauthorized: {exc.reason}")
+
+    def grants(self, value: str | None) -> Grants | None:
+        """What an upgrade bringing the token ``value`` (None: none) gets: `OPEN` without
+        ``[auth]``, the anonymous grants without a token under ``[auth] anonymous``, None when
+        the token is to come in the first message, else the token's grants. Raises
+        `AuthError` when the upgrade would be refused with 401. Counts nothing."""
+        auth = self.settings.auth
+        if not self.auth.required:
+            return OPEN
+        if not value and self.auth.anonymous is not None:
+            return self.auth.anonymous  # an auth message may still replace them
+        if value is None and auth is not None and auth.first_message:
+            return None  # the token comes in the first message, within a deadline
+        return self.auth.authenticate(value, now=time.time())
+
+    def screen(self, host: str | None, origin: str | None) -> Refusal | None:
+        """The Host and Origin checks (`access`), for upgrades and HTTP requests alike."""
+        if self.access.host_refused(host):
+            return self.refuse(421, RefusalReason.HOST, HOST_REFUSED)
+        if self.access.origin_refused(origin, host):
+            return self.refuse(403, RefusalReason.ORIGIN, "origin not allowed")
+        return None
 
     def refuse(self, status: int, reason: RefusalReason, text: str) -> Refusal:
         """Count and log a refused upgrade; ``text`` is the body, a fixed sentence."""

@@ -50,12 +50,14 @@ from cryptography.hazmat.primitives.serialization import load_pem_public_key
 from wirestate.models.settings import AuthSettings
 
 __all__ = [
+    "ANONYMOUS_SUB",
     "MAX_TOKEN_LENGTH",
     "OPEN",
     "AuthError",
     "Authenticator",
     "Grants",
     "origin_allowed",
+    "parse_origin",
     "redact",
     "token_from_request",
 ]
@@ -116,6 +118,9 @@ class Grants:
         return self.expires_at is not None and now >= self.expires_at
 
 
+#: The ``sub`` of a connection without a token under ``[auth] anonymous`` (logs, dashboard).
+ANONYMOUS_SUB: Final = "anonymous"
+
 #: Open mode (no ``[auth]``): everything allowed, nothing expires.
 OPEN: Final = Grants(sub="", expires_at=None, subscribe=("*",), publish=("*",))
 
@@ -131,27 +136,37 @@ class Authenticator:
     whatever it is given.
     """
 
-    __slots__ = ("_algorithm", "_key")
+    __slots__ = ("_algorithm", "_key", "anonymous")
 
-    def __init__(self, algorithm: Algorithm | None, key: _Key | None) -> None:
+    def __init__(
+        self, algorithm: Algorithm | None, key: _Key | None, anonymous: Sequence[str] = ()
+    ) -> None:
         if (algorithm is None) != (key is None):
             raise ValueError("algorithm and key go together: both or neither")
         self._algorithm = algorithm
         self._key = key
+        #: What a connection without a token may do (``[auth] anonymous``): subscribe to
+        #: those patterns, publish nothing. None: a token is required.
+        self.anonymous: Grants | None = (
+            Grants(sub=ANONYMOUS_SUB, expires_at=None, subscribe=tuple(anonymous))
+            if anonymous and algorithm is not None
+            else None
+        )
 
     @classmethod
     def from_settings(cls, auth: AuthSettings | None) -> Authenticator:
         """Raises ValueError, naming the setting and the file but never the key, when the
         public key file is missing, unreadable, not a PEM public key, or of the wrong kind."""
-        if auth is None:
-            return cls(None, None)
+        if auth is None or (not auth.tokens and auth.allowed_origins):
+            return cls(None, None)  # open, or [auth] allowed_origins alone: no token asked for
         if auth.algorithm == "HS256":
             if auth.secret is None:  # AuthSettings validates this; model_construct does not
                 raise ValueError("auth.secret is required with algorithm HS256")
-            return cls("HS256", auth.secret.get_secret_value().encode())
+            return cls("HS256", auth.secret.get_secret_value().encode(), auth.anonymous)
         if auth.public_key_file is None:
             raise ValueError(f"auth.public_key_file is required with algorithm {auth.algorithm}")
-        return cls(auth.algorithm, _load_public_key(auth.public_key_file, auth.algorithm))
+        key = _load_public_key(auth.public_key_file, auth.algorithm)
+        return cls(auth.algorithm, key, auth.anonymous)
 
     @property
     def required(self) -> bool:
@@ -314,7 +329,7 @@ _DEFAULT_PORTS: Final = {"http": 80, "https": 443}
 _Origin: TypeAlias = tuple[str, str, int]
 
 
-def _parse_origin(text: str) -> _Origin | None:
+def parse_origin(text: str) -> _Origin | None:
     try:
         parts = urlsplit(text.strip())
         port = parts.port
@@ -349,10 +364,10 @@ def origin_allowed(origin: str | None, allowed: Sequence[str] | None) -> bool:
     """
     if not allowed or origin is None:
         return True
-    parsed = _parse_origin(origin)
+    parsed = parse_origin(origin)
     if parsed is None:
         return False
-    return any(_parse_origin(entry) == parsed for entry in allowed)
+    return any(parse_origin(entry) == parsed for entry in allowed)
 
 
 # A compact JWS: base64url header starting {" (eyJ), payload, signature.

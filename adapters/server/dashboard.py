@@ -7,6 +7,8 @@ install works offline), and the JSON it reads:
 * ``GET /`` the page; ``GET /static/<name>`` its script and style sheet, from a fixed
   allowlist (anything else, ``..`` included, is the router's 404), with an ``ETag`` and
   ``Cache-Control: no-cache`` (revalidated, answered 304 when unchanged).
+* ``GET /static/wirestate.js`` and ``wirestate.d.ts``: the browser client the page is built
+  on, for any page (docs/client-js.md); cacheable for an hour, readable cross-origin.
 * ``GET /api/snapshot`` everything on the page at one moment (`snapshot`). The page polls it
   every second and, between polls, follows the ``clients``, ``circuit_breaker`` and
   ``system_status`` topics over its own ``/ws`` subscription, so a connection, a disconnect
@@ -69,6 +71,7 @@ from wirestate.core.topics import Topic
 __all__ = [
     "ASSETS",
     "BREAKER_LAYOUT",
+    "CLIENT_ASSETS",
     "REGISTERED_STATES",
     "SCHEMA_VERSION",
     "Asset",
@@ -86,6 +89,14 @@ ASSETS: Final[Mapping[str, str]] = {
     "dashboard.js": "text/javascript; charset=utf-8",
     "dashboard.css": "text/css; charset=utf-8",
 }
+#: The browser client (docs/client-js.md), for any page to import: cached for an hour and
+#: revalidated by ETag, readable from other origins (module scripts are fetched with CORS),
+#: under the page's CSP.
+CLIENT_ASSETS: Final[Mapping[str, str]] = {
+    "wirestate.js": "text/javascript; charset=utf-8",
+    "wirestate.d.ts": "application/typescript; charset=utf-8",
+}
+_CLIENT_CACHE: Final = "public, max-age=3600"
 PAGE: Final = "dashboard.html"
 _HTML: Final = "text/html; charset=utf-8"
 
@@ -155,16 +166,19 @@ def asset(name: str) -> Asset:
 
     Read through `importlib.resources` from ``wirestate/adapters/server/static/``: package data,
     installed with the wheel."""
-    content_type = _HTML if name == PAGE else ASSETS[name]
+    content_type = _HTML if name == PAGE else {**ASSETS, **CLIENT_ASSETS}[name]
     body = resources.files("wirestate.adapters.server").joinpath("static", name).read_bytes()
     etag = '"' + hashlib.sha256(body).hexdigest()[:20] + '"'
     return Asset(body, content_type, etag)
 
 
 def _serve(
-    request: HttpRequest, item: Asset, extra: Sequence[tuple[str, str]] = ()
+    request: HttpRequest,
+    item: Asset,
+    extra: Sequence[tuple[str, str]] = (),
+    cache: str = "no-cache",
 ) -> HttpResponse:
-    headers = [("etag", item.etag), ("cache-control", "no-cache"), *extra]
+    headers = [("etag", item.etag), ("cache-control", cache), *extra]
     if item.etag in _etags(request.header("if-none-match")):
         return HttpResponse(304, headers)
     return HttpResponse(200, [("content-type", item.content_type), *headers], item.body)
@@ -198,6 +212,8 @@ class Dashboard:
         router.get("/", self.page).get("/api/snapshot", self.snapshot)
         for name in ASSETS:
             router.get(f"/static/{name}", functools.partial(self._asset, name))
+        for name in CLIENT_ASSETS:
+            router.get(f"/static/{name}", functools.partial(self._client_asset, name))
         return router
 
     async def page(self, request: HttpRequest) -> HttpResponse:
@@ -205,6 +221,10 @@ class Dashboard:
 
     async def _asset(self, name: str, request: HttpRequest) -> HttpResponse:
         return _serve(request, asset(name), (("x-content-type-options", "nosniff"),))
+
+    async def _client_asset(self, name: str, request: HttpRequest) -> HttpResponse:
+        extra = (*_PAGE_HEADERS, ("access-control-allow-origin", "*"))
+        return _serve(request, asset(name), extra, _CLIENT_CACHE)
 
     async def snapshot(self, request: HttpRequest) -> HttpResponse:
         try:

@@ -15,11 +15,12 @@ from typing import TYPE_CHECKING, Any
 import pydantic_core
 from pydantic import TypeAdapter, ValidationError
 
-from wirestate.adapters.server.auth import AuthError
+from wirestate.adapters.server.auth import AuthError, token_from_request
 from wirestate.adapters.server.bus import BusUnavailable
 from wirestate.adapters.server.dashboard import Dashboard
 from wirestate.adapters.server.metrics import CONTENT_TYPE
 from wirestate.adapters.server.routes import (
+    JSON,
     HttpApp,
     HttpRequest,
     HttpResponse,
@@ -33,7 +34,12 @@ from wirestate.models import wire
 if TYPE_CHECKING:
     from wirestate.adapters.server.service import WirestateServer
 
-__all__ = ["Endpoints"]
+__all__ = ["WS_PATH", "Endpoints"]
+
+#: The WebSocket endpoint. A plain GET of it (no ``Upgrade``) is `Endpoints.websocket_status`.
+WS_PATH = "/ws"
+#: Readable by a page of any origin: the answer holds no data, only whether the token would do.
+_ANY_ORIGIN = (("access-control-allow-origin", "*"), ("cache-control", "no-store"))
 
 _TOPIC: TypeAdapter[str] = TypeAdapter(wire.Topic)
 
@@ -49,9 +55,19 @@ class Endpoints:
             .get("/readyz", self.readyz)
             .get("/metrics", self.metrics)
             .post("/publish", self.publish)
+            .get(WS_PATH, self.websocket_status)
         )
         # GET /, /static/<asset> and /api/snapshot: the live dashboard
-        self.app: HttpApp = Dashboard(service.dashboard_snapshot, service.auth).mount(router)
+        self.routes: HttpApp = Dashboard(service.dashboard_snapshot, service.auth).mount(router)
+
+    async def app(self, request: HttpRequest) -> HttpResponse:
+        """What transports serve: the Host and Origin checks of an upgrade (`Admission.screen`)
+        on every path, then the routes."""
+        refusal = self.service.admission.screen(request.header("host"), request.header("origin"))
+        if refusal is not None:
+            code = "misdirected_request" if refusal.status == 421 else "origin_not_allowed"
+            return error_response(refusal.status, code, refusal.text.strip())
+        return await self.routes(request)
 
     async def healthz(self, request: HttpRequest) -> HttpResponse:
         return json_response({"status": "ok"})
@@ -67,6 +83,23 @@ class Endpoints:
         body: dict[str, Any] = {"status": "ready", "clients": len(service.hub.clients), "bus": bus}
         return json_response(body)
 
+    async def websocket_status(self, request: HttpRequest) -> HttpResponse:
+        """A plain GET of ``/ws``: 401 when the upgrade would be refused for its token, else
+        426 (this endpoint speaks WebSocket only). A browser cannot read the status of a
+        refused upgrade, so wirestate.js asks this after a failed open, to stop retrying a
+        token that cannot work instead of looping."""
+        token = token_from_request(request.headers, request.target)
+        try:
+            self.service.admission.grants(token)
+        except AuthError as exc:
+            return error_response(
+                401,
+                "unauthorized",
+                f"a valid token is required ({exc.reason})",
+                (("www-authenticate", "Bearer"), *_ANY_ORIGIN),
+            )
+        return error_response(426, headers=(("upgrade", "websocket"), *_ANY_ORIGIN))
+
     async def metrics(self, request: HttpRequest) -> HttpResponse:
         return HttpResponse(200, [("content-type", CONTENT_TYPE)], self.service.metrics.render())
 
@@ -78,6 +111,11 @@ class Endpoints:
             )
         except AuthError as exc:
             return error_response(401, "unauthorized", f"a valid token is required ({exc.reason})")
+        media_type = (request.header("content-type") or "").partition(";")[0].strip().lower()
+        if media_type != JSON:
+            # No form or text/plain body: a page on another site cannot publish with a
+            # "simple" request that skips the browser's CORS preflight.
+            return error_response(415)
         try:
             # The parser the WebSocket path uses too (exact integers, the same depth limit):
             # one rule for what a publish may carry, whichever way it comes.

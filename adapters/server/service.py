@@ -51,8 +51,9 @@ from wirestate.adapters.server.sources import (
     poller_from_settings,
 )
 from wirestate.core.actions import Abort, Close, Ping, Reject, Unregistered
-from wirestate.core.breaker import BreakerConfig, BreakerState, StateChanged
+from wirestate.core.breaker import Breaker, BreakerConfig, BreakerState, StateChanged
 from wirestate.core.hub import BUILTIN_TOPICS, Hub, HubConfig
+from wirestate.core.lifecycle import ConnState
 from wirestate.models.settings import Settings, SourceSettings
 
 __all__ = ["WirestateServer", "hub_config"]
@@ -213,10 +214,12 @@ class WirestateServer:
         from wirestate.adapters.server.transports.websockets import Listener
 
         host = self.settings.server.host
-        if not self.auth.required and not loopback(host):
+        beyond = self.settings.server.open_beyond_loopback
+        if not self.auth.required and not loopback(host) and not beyond:
             raise ValueError(
                 f"refusing to serve {host} without authentication: anyone who reaches it could"
-                " subscribe and publish; configure [auth] or bind 127.0.0.1"
+                " subscribe and publish; configure [auth], bind 127.0.0.1, or set [server]"
+                " open_beyond_loopback = true if something in front authenticates"
             )
         await self.start_core()
         self._listener = Listener(self)
@@ -229,7 +232,17 @@ class WirestateServer:
                 "loop": type(asyncio.get_running_loop()).__module__.split(".")[0],
             },
         )
-        if not self.auth.required:
+        if not self.auth.required and not loopback(host):
+            log.warning(
+                "open mode beyond loopback (open_beyond_loopback): no token is checked, so"
+                " whoever reaches this address may subscribe and publish"
+            )
+        elif self.settings.auth is not None and not self.auth.required:
+            log.warning(
+                "no token is checked ([auth] allowed_origins alone): pages from other origins"
+                " are refused, anything else may subscribe and publish; serving loopback only"
+            )
+        elif not self.auth.required:
             log.warning(
                 "open mode: no [auth] configured, so every client may subscribe and publish;"
                 " serving loopback only"
@@ -256,6 +269,8 @@ class WirestateServer:
                 node=self.epoch,
                 max_age=self.settings.history.max_age,
             )
+        if isinstance(self.bus, RedisBus):
+            self._breaker_exists(self.bus.breaker)
         await self.bus.start()
         await self._start_sources(wall_offset)
 
@@ -365,6 +380,7 @@ class WirestateServer:
             if shared is not None:
                 shared.poller = poller
         for poller in self._pollers:
+            self._breaker_exists(poller.breaker)
             if poller.topic in self.shared:
                 self.shared[poller.topic].start()  # polls while this node holds the lease
                 continue
@@ -398,6 +414,12 @@ class WirestateServer:
         self._breaker_transition(change)
         if self.hub is not None:
             self.publish_any(BREAKER_TOPIC, breaker_event(change, self.hub.wall_offset))
+
+    def _breaker_exists(self, breaker: Breaker) -> None:
+        """A breaker's gauge has samples from its creation: its state 1, the others 0."""
+        self.metrics.breaker_state(
+            breaker.name, breaker.state.value, [s.value for s in BreakerState]
+        )
 
     def _breaker_transition(self, change: StateChanged) -> None:
         self.metrics.breaker_transition(
@@ -592,7 +614,7 @@ class WirestateServer:
         )
 
     def _connection_counts(self) -> dict[str, int]:
-        counts: dict[str, int] = {}
+        counts = dict.fromkeys((state.value for state in ConnState), 0)
         if self.hub is not None:
             for conn in self.hub.clients.values():
                 counts[conn.state.value] = counts.get(conn.state.value, 0) + 1

@@ -387,6 +387,8 @@ class Session:
                     hub.client_publish(conn, topic, data, now)
                 elif hub.may_publish(conn, topic, now):
                     bus.submit(topic, data)
+            case wire.Auth() if grants is service.auth.anonymous and _first_message(service):
+                self._authenticate(msg, now)  # a token's claims replace the anonymous ones
             case _:  # auth outside the first message of an [auth] first_message connection
                 hub.bad_input(conn, ErrorCode.FORBIDDEN, "auth is accepted only first", now)
         return None
@@ -426,7 +428,8 @@ class Session:
 
     def _authenticate(self, msg: wire.ClientMessage, now: float) -> None:
         """The first message of an ``[auth] first_message`` connection must be ``auth``
-        with a valid token; anything else, or a bad token, closes with ``policy`` (1008)."""
+        with a valid token (so may a later one of an anonymous connection); anything else,
+        or a bad token, closes with ``policy`` (1008)."""
         service = self.service
         assert service.hub is not None
         assert self.conn is not None
@@ -501,8 +504,16 @@ class Session:
             service.dispatch()
 
     def _peer(self) -> str:
+        """The client's address as logged: the peer's, or what a trusted proxy forwarded."""
         peer = self.transport.peer()
-        return "?" if peer is None else f"{peer[0]}:{peer[1]}"
+        if peer is None or peer[0] != self.ip:
+            return self.ip
+        return f"{peer[0]}:{peer[1]}"
+
+
+def _first_message(service: WirestateServer) -> bool:
+    auth = service.settings.auth
+    return auth is not None and auth.first_message
 
 
 def _too_big(message: str | bytes, limit: int) -> bool:

@@ -16,7 +16,8 @@ Rules:
   a fresh value as it is (``stale=False``); while calls fail or the breaker rejects them, the
   last good value with ``stale=True`` and its ``age`` (seconds since it was fetched), on every
   tick, as the original service did; with nothing cached, an unavailable status, so that
-  subscribers get a clear answer rather than silence, published with ``stale=True``::
+  subscribers get a clear answer rather than silence (not a stale value: ``stale=False``,
+  no ``age``; the status says what is missing)::
 
       {"status": "unavailable",
        "reason": "circuit_open",   # PollReason: upstream_error, timeout, circuit_open,
@@ -397,7 +398,8 @@ class SourcePoller:
         elif not result.no_data:
             self._publish(self.topic, result.value, stale=True, age=result.age)
         else:
-            self._publish(self.topic, unavailable_status(result), stale=True)
+            # No cached value: a status, not a value served stale (so no age to give).
+            self._publish(self.topic, unavailable_status(result))
 
     def _publish(
         self, topic: str, data: Any, *, stale: bool = False, age: float | None = None

@@ -352,11 +352,21 @@ def cmd_loadtest(args: argparse.Namespace, stdout: TextIO) -> int:
         return 130
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("wirestate")
+    except PackageNotFoundError:  # pragma: no cover - run from a tree that was never installed
+        return "unknown (not installed)"
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="wirestate",
         description="A real-time event hub over WebSocket with machine-checked state machines.",
     )
+    p.add_argument("--version", action="version", version=f"wirestate {_version()}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     check = sub.add_parser(
@@ -426,8 +436,8 @@ def parser() -> argparse.ArgumentParser:
     cl.add_argument(
         "--reconnect",
         action="store_true",
-        help="follow the topics across reconnects (backoff, resume from the last seq, gaps"
-        " shown) instead of reporting how one connection ended",
+        help="follow the topics across reconnects (backoff, resume where each topic stood,"
+        " gaps shown) instead of reporting how one connection ended",
     )
     cl.set_defaults(func=cmd_client)
 

@@ -188,6 +188,9 @@ class _Pipe:
         self.sink = sink
         self.queue: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue(QUEUE_CHUNKS)
         self.flowing = asyncio.Event()
+        #: Held by a stall for all that began before this connection was accepted: that
+        #: stall's end (or ``resume``) lets it go, unless a stall of its own came since.
+        self.held = shaping.stalled
         if not shaping.stalled:
             self.flowing.set()
         self.delay = shaping.delay
@@ -200,6 +203,7 @@ class _Pipe:
         """Hold the writer; ``seconds`` None: until ``resume``. A new stall replaces the
         previous one's end."""
         self.cancel_timer()
+        self.held = False
         self.flowing.clear()
         if seconds is not None:
             loop = asyncio.get_running_loop()
@@ -642,6 +646,11 @@ class FaultProxy:
         self._stall_timer = None
         for d in self._directions(direction):
             self._shaping[d].stalled = False
+        for conn in self.connections.values():
+            for pipe in conn._pipes(direction):
+                if pipe.held:
+                    pipe.held = False
+                    pipe.resume()
 
     def _targets(self, conn: int | None) -> list[ProxyConnection]:
         if conn is None:

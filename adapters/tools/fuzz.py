@@ -13,6 +13,12 @@ checked against protocol v1's promises (docs/protocol.md):
   open, and no ``pong`` answers a ping that was never sent;
 * per topic, ``event`` seqs are consecutive, or a ``gap`` covering the hole comes first;
   no event on a topic the client never subscribed to;
+* ``subscribed`` says where each topic stands (``seq``): never below a seq some client had
+  already received when the subscribe was sent, and for a new subscription the events that
+  follow start right after it (the retained latest event, at exactly that seq, aside);
+* subscribing again to a topic the connection holds replays nothing, and its ``seq`` is the
+  last one the connection received: no connection gets one topic's seq twice while it
+  holds the topic (an ``unsubscribe`` ends that: a new subscription starts afresh);
 * no event on a topic after its ``unsubscribe`` was processed: the protocol has no
   unsubscribe ack, so each unsubscribe is followed by a ping, and an event of that topic
   arriving after its pong (and before a new subscribe was sent) is a violation;
@@ -162,6 +168,15 @@ class _Peer:
     generation: dict[str, int] = field(default_factory=dict)  # subscribes sent per topic
     fenced: set[str] = field(default_factory=set)  # unsubscribe proven processed
     last_seq: dict[str, int] = field(default_factory=dict)
+    #: topics whose ``subscribed`` came and whose unsubscribe is not proven processed
+    held: set[str] = field(default_factory=set)
+    #: per topic, for each subscribe sent and not yet acknowledged, the newest seq any
+    #: client had received per epoch when it was sent (a floor for ``subscribed.seq``)
+    floors: dict[str, list[dict[str | None, int]]] = field(default_factory=dict)
+    #: a new subscription's seq: its first event may carry it (the retained latest event)
+    retained: dict[str, int] = field(default_factory=dict)
+    fresh: set[str] = field(default_factory=set)  # new subscriptions with no event yet
+    epochs: dict[str, str | None] = field(default_factory=dict)  # from ``subscribed``
     aborted: bool = False
     closing: bool = False  # the client sent a close frame
     paused_ever: bool = False
@@ -192,6 +207,8 @@ class WireFuzzer(RuleBasedStateMachine):
         self.live: dict[str, _Peer] = {}
         self.all: list[_Peer] = []
         self.violations: list[str] = []
+        #: topic -> epoch -> the newest seq any client of this test case has received
+        self.newest: dict[str, dict[str | None, int]] = {}
         self.failed = False
         self._ids = itertools.count()
 
@@ -234,6 +251,12 @@ class WireFuzzer(RuleBasedStateMachine):
         ping_id = f"p{next(self._ids)}"
         peer.pings[ping_id] = fences
         return ping_id
+
+    def _expect_subscribed(self, peer: _Peer, topics: list[str]) -> None:
+        """A subscribe is about to be sent: note, per topic (once, as the server dedups),
+        the newest seq received so far, below which its ``subscribed.seq`` cannot be."""
+        for topic in dict.fromkeys(topics):
+            peer.floors.setdefault(topic, []).append(dict(self.newest.get(topic, {})))
 
     def _await_pong(self, peer: _Peer, ping_id: str) -> None:
         """Wait (bounded) until the pong came or the connection closed."""
@@ -287,16 +310,55 @@ class WireFuzzer(RuleBasedStateMachine):
             for topic, gen in fences.items():
                 if peer.generation.get(topic, 0) == gen:
                     peer.fenced.add(topic)
+                    peer.held.discard(topic)
         elif kind == "error":
             if msg.get("code") not in ERROR_CODES:
                 self._violation(peer, f"error with an unknown code: {msg.get('code')!r}")
         elif kind == "subscribed":
-            for topic in msg.get("topics", ()):
-                peer.last_seq.pop(topic, None)  # a new subscription may start anywhere
+            self._subscribed(peer, msg)
         elif kind == "event":
             self._event(peer, msg)
         elif kind == "gap":
             self._gap(peer, msg)
+
+    def _subscribed(self, peer: _Peer, msg: dict[str, Any]) -> None:
+        seqs, epochs = msg.get("seq"), msg.get("epoch")
+        for topic in msg.get("topics", ()):
+            if not isinstance(topic, str):
+                continue
+            floors = peer.floors.get(topic)
+            sent_at = floors.pop(0) if floors else {}
+            n = seqs.get(topic) if isinstance(seqs, dict) else None
+            if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+                self._violation(peer, f"subscribed names no seq for {topic!r}: {msg!r}")
+                continue
+            epoch = epochs.get(topic) if isinstance(epochs, dict) else None
+            floor = sent_at.get(epoch, 0)
+            if n < floor:
+                self._violation(
+                    peer, f"{topic}: subscribed said seq {n}, but #{floor} had been delivered"
+                )
+            last = peer.last_seq.get(topic)
+            if topic in peer.held and peer.epochs.get(topic) == epoch:
+                # Subscribed again: every event queued before this ack came before it.
+                if last is not None and n > last:
+                    self._violation(
+                        peer, f"{topic}: subscribed again said seq {n}, but only #{last} came"
+                    )
+                continue
+            peer.held.add(topic)
+            peer.epochs[topic] = epoch
+            peer.last_seq[topic] = n  # a new subscription: the live events follow seq n
+            peer.fresh.add(topic)
+            if n:
+                peer.retained[topic] = n
+            else:
+                peer.retained.pop(topic, None)
+
+    def _heard(self, peer: _Peer, topic: str, seq: int) -> None:
+        by_epoch = self.newest.setdefault(topic, {})
+        epoch = peer.epochs.get(topic)
+        by_epoch[epoch] = max(seq, by_epoch.get(epoch, 0))
 
     def _event(self, peer: _Peer, msg: dict[str, Any]) -> None:
         topic, seq = msg.get("topic"), msg.get("seq")
@@ -310,15 +372,25 @@ class WireFuzzer(RuleBasedStateMachine):
         if topic == self.odd_topic and msg.get("data") not in self.odd_sent:
             self._violation(peer, f"{topic}#{seq} carries data that was never sent or refused")
         last = peer.last_seq.get(topic)
-        if last is not None and seq != last + 1:
+        if peer.retained.pop(topic, None) == seq:
+            pass  # a new subscription's retained latest event, at its subscribed seq
+        elif last is not None and seq <= last:
+            self._violation(peer, f"{topic}: #{seq} came twice or went back (after #{last})")
+        elif topic in peer.fresh and last is not None and seq != last + 1:
+            self._violation(peer, f"{topic}: subscribed said seq {last}, then #{seq} with no gap")
+        elif last is not None and seq != last + 1:
             self._violation(peer, f"{topic}: seq {seq} after {last} with no gap")
         peer.last_seq[topic] = seq
+        peer.fresh.discard(topic)
+        self._heard(peer, topic, seq)
 
     def _gap(self, peer: _Peer, msg: dict[str, Any]) -> None:
         topic, lo, hi = msg.get("topic"), msg.get("from_seq"), msg.get("to_seq")
         if not isinstance(topic, str):
             self._violation(peer, f"malformed gap: {msg!r}")
             return
+        peer.retained.pop(topic, None)
+        peer.fresh.discard(topic)
         if lo is None and hi is None:  # epoch_changed: the old numbering is void
             peer.last_seq.pop(topic, None)
             return
@@ -329,6 +401,7 @@ class WireFuzzer(RuleBasedStateMachine):
         if last is not None and lo > last + 1:
             self._violation(peer, f"{topic}: gap {lo}..{hi} leaves {last + 1}..{lo - 1} out")
         peer.last_seq[topic] = max(hi, last or hi)
+        self._heard(peer, topic, peer.last_seq[topic])
 
     def _closed(self, peer: _Peer) -> None:
         """The connection ended: check its close code and reason."""
@@ -393,7 +466,18 @@ class WireFuzzer(RuleBasedStateMachine):
             peer.generation[topic] = peer.generation.get(topic, 0) + 1
             peer.fenced.discard(topic)
             peer.subscribed_ever.add(topic)
+        self._expect_subscribed(peer, topics)
         self._send_json(peer, {"type": "subscribe", "topics": topics})
+
+    @rule(name=peers, data=st.data())
+    def subscribe_again(self, name: str, data: st.DataObject) -> None:
+        """Subscribe again to topics the peer holds: acknowledged, nothing replayed."""
+        peer = self._peer(name)
+        if peer is None or not peer.held:
+            return
+        held = sorted(peer.held)
+        topics = data.draw(st.lists(st.sampled_from(held), min_size=1, max_size=len(held)))
+        self.subscribe(name, topics)
 
     @rule(name=peers, topic=st.sampled_from(BAD_TOPICS))
     def subscribe_invalid(self, name: str, topic: str) -> None:
@@ -452,6 +536,7 @@ class WireFuzzer(RuleBasedStateMachine):
         topic = self.odd_topic
         if topic not in peer.subscribed_ever:
             peer.subscribed_ever.add(topic)
+            self._expect_subscribed(peer, [topic])
             if not self._send_json(peer, {"type": "subscribe", "topics": [topic]}):
                 return
         raw = f'{{"type": "publish", "topic": "{topic}", "data": {text}}}'

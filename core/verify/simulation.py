@@ -76,9 +76,10 @@ class ResumingClient:
     """The default reconnect logic: resume every topic from the last seq it knows, in the
     epoch it was counted in. Subclass it to test your own handling.
 
-    ``last[topic]`` is the highest seq the client has received or been told it lost (a gap);
-    ``epochs[topic]`` the epoch it counts in. A ``subscribed`` naming a new epoch restarts
-    the count at 0, so a topic that delivered nothing yet still resumes from its start.
+    ``last[topic]`` is the highest seq the client has received or been told it lost (a gap),
+    or where ``subscribed`` said the subscription took effect if higher; ``epochs[topic]``
+    the epoch it counts in. A ``subscribed`` naming a new epoch restarts the count from its
+    ``seq``, so a topic that delivered nothing yet resumes from where it was subscribed.
     """
 
     def __init__(self) -> None:
@@ -92,6 +93,7 @@ class ResumingClient:
                 if self.epochs.get(topic) != epoch:
                     self.epochs[topic] = epoch
                     self.last[topic] = 0
+                self.last[topic] = max(self.last[topic], msg["seq"][topic])
         elif kind == "event":
             self.last[msg["topic"]] = msg["seq"]
         elif kind == "gap" and msg["to_seq"] is not None:

@@ -5,7 +5,9 @@
 the five lifecycle invariants after every step (`wirestate.core.verify.checks.Referee`), and
 compares what each client receives against a small reference model of delivery: every event
 published on a topic while the client was subscribed and accepting is, in order and exactly
-once, either written, still queued, or covered by a ``gap`` (written or owed).
+once, either written, still queued, or covered by a ``gap`` (written or owed). Subscribing
+again to a topic the client holds is one of its rules: it owes nothing new, so a replay
+would show up as a seq received twice.
 
 Use it as is (``TestLifecycle = LifecycleMachine.TestCase``) or subclass it to add rules and
 invariants of your own; ``CLIENTS``, ``CONFIG`` and ``ENGINE`` are class attributes to
@@ -78,6 +80,15 @@ class LifecycleMachine(RuleBasedStateMachine):
         enabled = [label for label in inputs(self.world) if label[0] not in self.off]
         label = data.draw(st.sampled_from(enabled), label="input")
         self._step(label)
+
+    @rule(data=st.data())
+    def subscribe_again(self, data: st.DataObject) -> None:
+        """A client subscribes again to a topic it holds (the explorer never does, as it
+        changes no state): acknowledged, and nothing of the topic is queued twice."""
+        held = sorted(self._accepting_subscriptions())
+        if held:
+            client, topic = data.draw(st.sampled_from(held), label="held")
+            self._step(("subscribe", client, topic))
 
     # -- delivery reference --------------------------------------------------------------
 

@@ -3,21 +3,18 @@ Playwright's Python package with ``executable_path``: no browser is downloaded) 
 real server on loopback, with millisecond keep-alive set through settings.
 
 Without Chromium or Playwright these tests skip, except under CI (``CI`` set), where they
-fail: ``.ci/run`` installs both. ``WIRESTATE_CHROMIUM`` names another Chromium binary.
-A screenshot of the page is saved to ``test-artifacts/dashboard.png``."""
+fail (the ``browser`` fixture, tests/browser/conftest.py). A screenshot of the page is saved
+to ``test-artifacts/dashboard.png``."""
 
 from __future__ import annotations
 
-import os
-import shutil
+import contextlib
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import jwt
 import orjson
-import pytest
 from websockets.asyncio.client import connect
 
 from wirestate.adapters.server.service import WirestateServer
@@ -25,45 +22,13 @@ from wirestate.core.breaker import BreakerConfig
 from wirestate.models.settings import Settings
 from wirestate.testing.net import recv, server_settings
 
-try:
-    from playwright.async_api import Browser, ConsoleMessage, Page, async_playwright, expect
-except ImportError:  # pragma: no cover - depends on the machine
-    async_playwright = None
+# Without Playwright the `browser` fixture skips (or fails, under CI) before these are used.
+with contextlib.suppress(ImportError):
+    from playwright.async_api import Browser, ConsoleMessage, Page, expect
 
 WAIT_MS = 10_000  # the bound on every wait in the page: a failure, never a hang
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
 SECRET = "browser-" + "k" * 40
-
-
-def _chromium() -> str | None:
-    named = os.environ.get("WIRESTATE_CHROMIUM")
-    if named:
-        return named if os.access(named, os.X_OK) else None
-    return shutil.which("chromium") or shutil.which("chromium-browser")
-
-
-def _missing() -> str | None:
-    if async_playwright is None:
-        return "Playwright's Python package is not installed (pip install playwright)"
-    if _chromium() is None:
-        return "Chromium is not installed (apt-get install chromium, or set WIRESTATE_CHROMIUM)"
-    return None
-
-
-@pytest.fixture
-async def browser() -> AsyncIterator[Browser]:
-    missing = _missing()
-    if missing is not None:
-        if os.environ.get("CI"):
-            pytest.fail(f"{missing}; CI must provide it (.ci/run installs it)")
-        pytest.skip(missing)
-    assert async_playwright is not None
-    async with async_playwright() as pw:
-        launched = await pw.chromium.launch(executable_path=_chromium(), headless=True)
-        try:
-            yield launched
-        finally:
-            await launched.close()
 
 
 class Upstream:

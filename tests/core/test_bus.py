@@ -48,9 +48,9 @@ def test_a_stale_event_from_the_bus_keeps_its_flag_and_age() -> None:
     conn = client(hub, "c1", T)
     ts = "2026-11-25T00:00:00.000Z"
     assert hub.deliver(T, 1, b'{"a":1}', ts, 1.0, event_tail(True, 4.5))
-    hub.attach(T, "node", 2, [(2, b'{"s":"u"}', ts, event_tail(True, None))], 1.0)
+    hub.attach(T, "node", 2, [(2, b'{"s":"u"}', ts, event_tail(True, 0.5))], 1.0)
     got = frames(hub, conn)
-    assert [(m["stale"], m.get("age")) for m in got] == [(True, 4.5), (True, None)]
+    assert [(m["stale"], m.get("age")) for m in got] == [(True, 4.5), (True, 0.5)]
 
 
 def test_a_stale_event_published_during_an_outage_keeps_its_flag_here() -> None:

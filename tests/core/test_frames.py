@@ -17,7 +17,7 @@ def _parse(frame: bytes) -> wire.ServerMessage:
     return msg
 
 
-@pytest.mark.parametrize(("stale", "age"), [(False, None), (True, None), (True, 12.5)])
+@pytest.mark.parametrize(("stale", "age"), [(False, None), (True, 0.0), (True, 12.5)])
 def test_an_event_frame_is_a_valid_event(stale: bool, age: float | None) -> None:
     data = frames.dumps({"id": 1, "name": "é"}).decode()
     msg = _parse(frames.event("orders", 3, "2026-12-05T10:00:00.000Z", data, stale, age))

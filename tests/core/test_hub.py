@@ -288,11 +288,15 @@ def test_events_carry_topic_consecutive_seq_ts_data_and_stale() -> None:
             "topics": ["system_status"],
             "recovered": {"system_status": True},
             "epoch": {"system_status": "k3f9"},
+            "seq": {"system_status": 0},
         }
     ]
     assert hub.publish("system_status", {"cpu": 0.5}, 1.25) == 1
     assert hub.publish("system_status", {"cpu": 0.6}, 2.0, stale=True, age=3.5) == 2
-    assert hub.publish("system_status", {"cpu": 0.7}, 2.5, stale=True) == 3
+    for stale, age in ((True, None), (False, 1.0)):  # the protocol's rule, refused early
+        with pytest.raises(ValueError, match="stale event carries its age"):
+            hub.publish("system_status", {"cpu": 0.7}, 2.5, stale=stale, age=age)
+    assert hub.publish("system_status", {"cpu": 0.7}, 2.5, stale=True, age=0.0) == 3
     got = frames(hub, conn)
     assert got[0] == {
         "type": "event",
@@ -303,8 +307,7 @@ def test_events_carry_topic_consecutive_seq_ts_data_and_stale() -> None:
         "stale": False,
     }
     assert (got[1]["stale"], got[1]["age"]) == (True, 3.5)
-    assert got[2]["stale"] is True
-    assert "age" not in got[2]
+    assert (got[2]["stale"], got[2]["age"]) == (True, 0.0)
 
 
 def test_a_new_subscriber_first_gets_the_retained_latest_value() -> None:
@@ -316,6 +319,7 @@ def test_a_new_subscriber_first_gets_the_retained_latest_value() -> None:
     hub.publish("t", {"v": 3}, 2.0)
     msgs = frames(hub, conn)
     assert [m["type"] for m in msgs] == ["subscribed", "event", "event"]
+    assert msgs[0]["seq"] == {"t": 2}  # the retained event is the current value, not news
     assert [m["data"]["v"] for m in msgs[1:]] == [2, 3]
 
 
@@ -345,6 +349,7 @@ def test_resume_replays_after_since_with_no_duplicate_and_no_hole() -> None:
     hub.publish("t", 99, 6.0)
     msgs = frames(hub, conn)
     assert msgs[0]["recovered"] == {"t": True}
+    assert msgs[0]["seq"] == {"t": 2}  # the replay follows: a cut during it loses nothing
     assert events(msgs) == [("t", 3), ("t", 4), ("t", 5), ("t", 6)]
 
 
@@ -366,6 +371,7 @@ def test_resume_past_the_history_says_not_recovered_and_sends_a_gap() -> None:
     hub.subscribe(conn, ["t"], 1.0, since={"t": 2})
     msgs = frames(hub, conn)
     assert msgs[0]["recovered"] == {"t": False}
+    assert msgs[0]["seq"] == {"t": 2}  # a cut before the gap gets the gap again
     assert msgs[1] == {
         "type": "gap",
         "topic": "t",
@@ -410,6 +416,7 @@ def test_resume_into_another_epoch_is_refused_with_an_epoch_changed_gap() -> Non
     hub.subscribe(conn, ["t"], 1.0, since={"t": (41, "old")})
     msgs = frames(hub, conn)
     assert msgs[0]["recovered"] == {"t": False}
+    assert (msgs[0]["epoch"], msgs[0]["seq"]) == ({"t": "new"}, {"t": 1})  # the new count
     assert msgs[1] == {
         "type": "gap",
         "topic": "t",
@@ -426,8 +433,71 @@ def test_a_since_beyond_the_topics_seq_means_another_sequence_space() -> None:
     hub.subscribe(conn, ["t"], 1.0, since={"t": 41})
     msgs = frames(hub, conn)
     assert msgs[0]["recovered"] == {"t": False}
+    assert msgs[0]["seq"] == {"t": 0}
     assert msgs[1]["reason"] == "epoch_changed"
     assert len(msgs) == 2
+
+
+def test_subscribed_says_where_an_empty_topic_stands_so_a_resume_from_it_misses_nothing() -> None:
+    hub = Hub(epoch="e1")
+    first = open_client(hub, "first")
+    hub.subscribe(first, ["t"], 0.0)
+    (ack,) = frames(hub, first)
+    assert (ack["seq"], ack["epoch"]) == ({"t": 0}, {"t": "e1"})
+    # The connection is cut before anything arrives; three events go out meanwhile.
+    hub.reader_done(first, 1.0, CloseCause.READ_ERROR)
+    hub.writer_done(first, 1.0)
+    hub.unregister(first, 1.0)
+    for i in range(3):
+        hub.publish("t", i, 2.0)
+    again = open_client(hub, "again", now=3.0)
+    hub.subscribe(again, ["t"], 3.0, since={"t": (ack["seq"]["t"], ack["epoch"]["t"])})
+    msgs = frames(hub, again)
+    assert msgs[0]["recovered"] == {"t": True}
+    assert events(msgs) == [("t", 1), ("t", 2), ("t", 3)]
+
+
+def test_subscribing_again_to_a_held_topic_is_acknowledged_and_replays_nothing() -> None:
+    hub = Hub(epoch="e1")
+    hub.publish("t", "retained", 0.0)
+    conn = open_client(hub)
+    hub.subscribe(conn, ["t"], 0.0)
+    assert events(frames(hub, conn)) == [("t", 1)]
+    hub.publish("t", "live", 1.0)
+    hub.subscribe(conn, ["t", "u"], 2.0)  # the live event is still queued before the ack
+    hub.subscribe(conn, ["t"], 2.0, since={"t": 0})  # a since changes nothing for it
+    msgs = frames(hub, conn)
+    assert [m["type"] for m in msgs] == ["event", "subscribed", "subscribed"]
+    assert msgs[1] == {
+        "type": "subscribed",
+        "topics": ["t", "u"],
+        "recovered": {"t": True, "u": True},
+        "epoch": {"t": "e1", "u": "e1"},
+        "seq": {"t": 2, "u": 0},
+    }
+    assert (msgs[2]["recovered"], msgs[2]["seq"]) == ({"t": True}, {"t": 2})
+    assert events(msgs) == [("t", 2)]  # once: no seq reaches a connection twice
+    assert hub.topics["t"].subscribers == {"c1": conn}
+    hub.publish("t", "next", 3.0)
+    assert events(frames(hub, conn)) == [("t", 3)]
+
+
+def test_a_held_topic_with_a_gap_owed_stands_before_the_gap() -> None:
+    """Under a lossy policy a dropped event is owed as a gap that may be written after the
+    acknowledgement: the position must not pass it, or a cut would hide the loss."""
+    cfg = HubConfig(send_queue_size=2, overflow={"t": OverflowPolicy.DROP_OLDEST})
+    hub = Hub(cfg)
+    conn = open_client(hub)
+    hub.subscribe(conn, ["t"], 0.0)
+    frames(hub, conn)
+    for i in range(3):
+        hub.publish("t", i, 0.0)  # the outbox holds 2: seq 1 is dropped and owed
+    assert conn.owed == {"t": [[1, 1]]}
+    hub.written(conn, 0, True)  # the transport takes writes: the ack joins the full outbox
+    hub.subscribe(conn, ["t"], 0.0)
+    msgs = frames(hub, conn)
+    assert [m["type"] for m in msgs] == ["gap", "event", "event", "subscribed"]
+    assert msgs[3]["seq"] == {"t": 0}
 
 
 def test_too_many_topics_is_refused_whole() -> None:

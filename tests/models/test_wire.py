@@ -68,7 +68,7 @@ SERVER_EXAMPLES: list[tuple[str, type[Any]]] = [
     ),
     (
         '{"type": "subscribed", "topics": ["topic"], "recovered": {"topic": true},'
-        ' "epoch": {"topic": "k3f9"}}',
+        ' "epoch": {"topic": "k3f9"}, "seq": {"topic": 41}}',
         Subscribed,
     ),
     (
@@ -122,6 +122,18 @@ def test_type_is_the_first_key_on_the_wire() -> None:
         reply = parse_server_message(raw)
         assert not isinstance(reply, WireError)
         assert next(iter(json.loads(reply.model_dump_json()))) == "type"
+
+
+def test_subscribed_says_where_each_topic_stands_and_older_servers_may_not() -> None:
+    ack = parse_server_message(SERVER_EXAMPLES[1][0])
+    assert isinstance(ack, Subscribed)
+    assert ack.seq == {"topic": 41}
+    older = parse_server_message('{"type": "subscribed", "topics": ["t"]}')
+    assert isinstance(older, Subscribed)
+    assert older.seq == {}  # an added field: a v1 server from before it omits it
+    for bad in ('{"t": -1}', '{"t": "1"}', '{"t": 9007199254740992}', '{"bad topic": 1}'):
+        raw = f'{{"type": "subscribed", "topics": ["t"], "seq": {bad}}}'
+        assert isinstance(parse_server_message(raw), WireError), bad
 
 
 def test_typed_values_after_parsing() -> None:

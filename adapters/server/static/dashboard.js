@@ -4,10 +4,13 @@
 // between snapshots, follows the `clients`, `circuit_breaker` and `system_status` topics over
 // its own WebSocket, so a connection, a disconnect or a breaker transition shows at once.
 //
+// The live part goes through wirestate.js, the hub's browser client (docs/client-js.md): it
+// reconnects, resumes and keeps the connection alive; this page only renders what it gets.
+//
 // Every value from the server is rendered with textContent or as an SVG attribute, never as
 // markup. With [auth] the snapshot answers 401: the page asks for a token, keeps it in
 // sessionStorage, sends it as `Authorization: Bearer` and as `?token=` on the WebSocket.
-"use strict";
+import { connect } from "./wirestate.js";
 
 (() => {
   const REFRESH_MS = 1000;
@@ -23,9 +26,7 @@
   const state = {
     token: sessionStorage.getItem(TOKEN_KEY) || "",
     authRequired: false,
-    ws: null,
-    wsAttempt: 0,
-    wsTimer: null,
+    client: null, // the wirestate.js client, from the first good snapshot until a refusal
     myId: null,
     snapshot: null,
     refreshTimer: null,
@@ -142,7 +143,7 @@
       state.authRequired = state.authRequired || Boolean(state.token);
       hideAuth();
       render(snap, asked);
-      if (!state.ws) connect();
+      if (!state.client) startLive();
     } catch (_) {
       setLink("offline", "offline");
     } finally {
@@ -497,51 +498,48 @@
     return text.length > 240 ? text.slice(0, 239) + "…" : text;
   }
 
-  // -- the WebSocket ---------------------------------------------------------------------
+  // -- live events, through wirestate.js -------------------------------------------------
 
-  function connect() {
-    clearTimeout(state.wsTimer);
+  function startLive() {
     const url = new URL("ws", location.href);
     url.protocol = location.protocol === "https:" ? "wss:" : "ws:";
-    if (state.token) url.searchParams.set("token", state.token);
-    const ws = new WebSocket(url);
-    state.ws = ws;
+    // Asked on every (re)connect: a token entered later is used by the next attempt.
+    const client = connect(url, { getToken: () => state.token || null });
+    state.client = client;
+    let refusal = null;
     setLink("connecting", "connecting");
-    ws.onopen = () => {
-      state.wsAttempt = 0;
-      // One subscription per topic: a token without one of them still gets the others.
-      for (const topic of TOPICS) ws.send(JSON.stringify({ type: "subscribe", topics: [topic] }));
-    };
-    ws.onmessage = (message) => {
-      let msg;
-      try { msg = JSON.parse(message.data); } catch (_) { return; }
-      onMessage(msg);
-    };
-    ws.onclose = (close) => {
-      if (state.ws !== ws) return;
-      state.ws = null;
-      state.myId = null;
-      setLink("offline", close.code === 1008 ? "refused (policy)" : "reconnecting");
-      // Full-jitter exponential backoff, 0.5 s doubling to 10 s.
-      const cap = Math.min(10000, 500 * 2 ** state.wsAttempt++);
-      state.wsTimer = setTimeout(connect, Math.random() * cap);
-    };
+    client.on("state", (now) => {
+      if (state.client !== client) return;
+      if (now === "open") {
+        state.myId = client.clientId;
+        setLink("live", "live");
+      } else if (now === "reconnecting") {
+        state.myId = null;
+        setLink("offline", "reconnecting");
+      } else if (now === "closed") { // a refusal that retrying cannot heal: said just before
+        state.myId = null;
+        setLink("offline", "refused (" + (refusal || "closed") + ")");
+      }
+    });
+    client.on("error", (err) => {
+      if (state.client !== client) return;
+      if (err.code === "unauthorized" || err.code === "auth_expired") {
+        stopLive();
+        needToken("The token was refused by the WebSocket endpoint.");
+      } else {
+        refusal = err.code;
+        if (client.state === "open") setLink("live", "live · " + err.code);
+      }
+    });
+    // One subscription per topic: a token without one of them still gets the others.
+    for (const topic of TOPICS) client.subscribe(topic, { event: onEvent });
   }
 
-  function onMessage(msg) {
-    switch (msg.type) {
-      case "welcome":
-        state.myId = msg.client_id;
-        setLink("live", "live");
-        break;
-      case "event":
-        onEvent(msg);
-        break;
-      case "error":
-        setLink("live", "live · " + msg.code);
-        break;
-      default: // subscribed, gap, pong: nothing to show; the snapshot is authoritative
-    }
+  function stopLive() {
+    const client = state.client;
+    state.client = null;
+    state.myId = null;
+    if (client) client.close();
   }
 
   function onEvent(msg) {
@@ -611,7 +609,7 @@
     $("auth-reason").textContent = reason || "This hub requires a token to show its state.";
     $("token-button").hidden = false;
     setLink("offline", "token required");
-    if (state.ws) { const ws = state.ws; state.ws = null; ws.close(1000); }
+    stopLive();
     $("token").focus();
   }
 
@@ -628,7 +626,7 @@
       $("token").value = "";
       sessionStorage.setItem(TOKEN_KEY, state.token);
       state.waitingForToken = false;
-      if (state.ws) { const ws = state.ws; state.ws = null; ws.close(1000); }
+      stopLive();
       scheduleRefresh(0);
     });
     $("token-button").addEventListener("click", () => needToken("Enter another token."));

@@ -94,7 +94,10 @@ NOT_STARTED: Final = (
     "the wirestate hub is not running: start it from the application's lifespan"
     " (async with hub.running(), or lifespan=hub.lifespan)"
 )
-OPEN_MODE: Final = "open mode (no [auth]) serves loopback only; configure [auth]"
+OPEN_MODE: Final = (
+    "open mode (no [auth]) serves loopback only; configure [auth],"
+    " or set [server] open_beyond_loopback"
+)
 #: Headers the ASGI server owns (framing and persistence).
 _HOP_BY_HOP: Final = frozenset({"content-length", "transfer-encoding", "connection"})
 #: Close codes of an upgrade refused without the response extension: policy (auth, origin,
@@ -213,10 +216,8 @@ class WirestateASGI:
         if _exposed(server, scope):
             await _respond(send, error_response(403, "open_mode", OPEN_MODE), head_only)
             return
+        # A plain request to /ws is the router's (426, or 401 for a token the upgrade refuses).
         path = route_path(scope)
-        if path == WS_PATH:
-            await _respond(send, error_response(426, headers=(("upgrade", "websocket"),)), False)
-            return
         headers = tuple(
             (name.decode("latin-1").lower(), value.decode("latin-1"))
             for name, value in scope.get("headers", ())
@@ -265,12 +266,14 @@ class WirestateASGI:
             refusal = admission.refuse(403, RefusalReason.OPEN_MODE, OPEN_MODE)
             await _deny(scope, send, refusal.status, refusal.text)
             return
-        headers = [(n.decode("latin-1"), v.decode("latin-1")) for n, v in scope["headers"]]
+        headers = [(n.decode("latin-1").lower(), v.decode("latin-1")) for n, v in scope["headers"]]
         query = scope.get("query_string", b"").decode("latin-1")
+        ip = admission.access.client_ip(_ip(scope), headers)
         decision = admission.decide(
-            _ip(scope),
-            next((v for n, v in headers if n.lower() == "origin"), None),
+            ip,
+            next((v for n, v in headers if n == "origin"), None),
             lambda: token_from_request(headers, f"?{query}"),
+            next((v for n, v in headers if n == "host"), None),
         )
         if isinstance(decision, Refusal):
             await _deny(scope, send, decision.status, decision.text)
@@ -281,7 +284,7 @@ class WirestateASGI:
             return  # gone during the upgrade: never registered
         transport = AsgiTransport(scope, receive, send, server.settings.server.close_timeout)
         # decision None: with [auth] first_message, the token comes in the first message
-        await Session(server, transport, secrets.token_hex(8), _ip(scope), decision).run()
+        await Session(server, transport, secrets.token_hex(8), ip, decision).run()
 
 
 class AsgiTransport:
@@ -374,8 +377,9 @@ def disconnect_cause(code: int) -> tuple[CloseCause, int]:
 
 
 def _exposed(server: WirestateServer, scope: Scope) -> bool:
-    """Open mode, and the request arrived on a non-loopback address."""
-    if server.auth.required:
+    """Open mode, and the request arrived on a non-loopback address that
+    ``open_beyond_loopback`` does not allow."""
+    if server.auth.required or server.settings.server.open_beyond_loopback:
         return False
     local = scope.get("server")
     return local is not None and not loopback(str(local[0]))

@@ -85,6 +85,8 @@ class HttpSettings:
     request_timeout: float = 5.0
     max_age: float = 5.0
     websocket_paths: frozenset[str] | None = None
+    #: A plain request to a websocket path goes to ``app`` (else it is answered 426 here).
+    app_answers_plain: bool = False
 
 
 class _Mode(enum.Enum):
@@ -410,7 +412,7 @@ class HttpServerConnection(ServerConnection):
 
     async def _answer(self, request: HttpRequest) -> HttpResponse:
         paths = self.settings.websocket_paths
-        if paths is not None and request.path in paths:
+        if paths is not None and request.path in paths and not self.settings.app_answers_plain:
             return error_response(426, headers=(("upgrade", "websocket"),))
         try:
             return await self.settings.app(request)
@@ -476,6 +478,7 @@ def http_connection_factory(
     request_timeout: float = 5.0,
     max_age: float = 5.0,
     websocket_paths: Collection[str] | None = None,
+    app_answers_plain: bool = False,
 ) -> type[HttpServerConnection]:
     """A connection class for ``serve(create_connection=...)`` that serves ``app``.
 
@@ -485,7 +488,7 @@ def http_connection_factory(
     connection is ready for it. ``max_age``: keep-alive ends after this many seconds; keep
     it below serve()'s ``open_timeout``. ``websocket_paths``: when given, only upgrades to
     these paths reach websockets (others go to ``app``), and a plain request to one of them
-    gets 426."""
+    gets 426, or goes to ``app`` with ``app_answers_plain``."""
     settings = HttpSettings(
         app=app,
         max_body=max_body,
@@ -493,6 +496,7 @@ def http_connection_factory(
         request_timeout=request_timeout,
         max_age=max_age,
         websocket_paths=frozenset(websocket_paths) if websocket_paths is not None else None,
+        app_answers_plain=app_answers_plain,
     )
 
     class BoundHttpServerConnection(HttpServerConnection):

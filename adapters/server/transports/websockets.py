@@ -26,8 +26,8 @@ import asyncio
 import logging
 import ssl
 import weakref
-from collections.abc import Awaitable, Callable, Coroutine
-from typing import TYPE_CHECKING, Any, Final
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
+from typing import TYPE_CHECKING, Any, Final, cast
 
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
@@ -216,7 +216,7 @@ class Listener:
         self.server: Server | None = None
         #: An upgrade's decision, from ``process_request`` to the handler. Weak keys: a
         #: handshake that fails after the decision leaves nothing behind.
-        self._admitted: weakref.WeakKeyDictionary[ServerConnection, Grants | None] = (
+        self._admitted: weakref.WeakKeyDictionary[ServerConnection, tuple[Grants | None, str]] = (
             weakref.WeakKeyDictionary()
         )
         #: Connections accepted and not yet upgraded or done with (HTTP ones included):
@@ -247,6 +247,7 @@ class Listener:
             service.http_app,
             max_body=settings.limits.max_message_size,
             websocket_paths=(WS_PATH,),
+            app_answers_plain=True,  # GET /ws: 426, or 401 for a token the upgrade refuses
         )
 
         listener = self
@@ -303,14 +304,22 @@ class Listener:
     def _process_request(self, ws: ServerConnection, request: Request) -> Response | None:
         if request.path.split("?", 1)[0] != WS_PATH:
             return ws.respond(404, "no WebSocket endpoint here; connect to /ws\n")
-        decision = self.service.admission.decide(
-            _ip(ws),
-            request.headers.get("Origin"),
-            lambda: token_from_request(request.headers.raw_items(), request.path),
+        admission = self.service.admission
+        raw = list(request.headers.raw_items())
+        if _count(raw, "host") > 1 or _count(raw, "origin") > 1:
+            # h11 and uvicorn refuse a repeated Host too; no browser sends either twice.
+            refusal = admission.refuse(400, RefusalReason.HOST, "one Host, at most one Origin")
+            return ws.respond(refusal.status, refusal.text)
+        ip = admission.access.client_ip(_ip(ws), raw)
+        decision = admission.decide(
+            ip,
+            _first(raw, "origin"),
+            lambda: token_from_request(raw, request.path),
+            _first(raw, "host"),
         )
         if isinstance(decision, Refusal):
             return ws.respond(decision.status, decision.text)
-        self._admitted[ws] = decision
+        self._admitted[ws] = (decision, ip)
         return None
 
     def _handle(self, ws: ServerConnection) -> Coroutine[Any, Any, None]:
@@ -320,9 +329,9 @@ class Listener:
         admitted = self._admitted.pop(ws, _UNDECIDED)
         if admitted is _UNDECIDED:  # pragma: no cover - process_request runs first
             raise AssertionError("a connection reached the handler without an upgrade decision")
-        grants = admitted if isinstance(admitted, Grants) else None
+        decision, ip = cast(tuple[Grants | None, str], admitted)
         transport = WebsocketsTransport(ws, self.cache)
-        session = Session(self.service, transport, ws.id.hex[:16], _ip(ws), grants)
+        session = Session(self.service, transport, ws.id.hex[:16], ip, decision)
         ws.protocol.ping_hook = session.admit_ping  # type: ignore[attr-defined]
         ws.protocol.fail_hook = session.protocol_failed  # type: ignore[attr-defined]
         return session.run()
@@ -352,3 +361,12 @@ def _ip(ws: ServerConnection) -> str:
         return str(ws.remote_address[0])
     except (TypeError, IndexError):
         return "?"
+
+
+def _first(headers: Iterable[tuple[str, str]], name: str) -> str | None:
+    """The first value of header ``name`` (lower case), repeated or not."""
+    return next((value for key, value in headers if key.lower() == name), None)
+
+
+def _count(headers: Iterable[tuple[str, str]], name: str) -> int:
+    return sum(key.lower() == name for key, _ in headers)

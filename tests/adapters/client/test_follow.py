@@ -62,6 +62,35 @@ async def test_follow_resumes_across_a_cut_with_no_duplicate(server: WirestateSe
     assert summary["reconnects"] >= 1
 
 
+async def test_follow_resumes_a_topic_that_delivered_nothing_before_the_cut(
+    server: WirestateServer,
+) -> None:
+    out, err = io.StringIO(), io.StringIO()
+    task = asyncio.create_task(
+        follow(
+            server.url,
+            ["t"],
+            count=3,
+            json_lines=True,
+            out=out,
+            err=err,
+            backoff=Backoff(base=0.01, cap=0.05, attempts=20),
+        )
+    )
+    await subscribed(server)
+    # Cut right after subscribed, then publish before the loop turns: the client cannot be
+    # back yet, so the three events reach it only through an exact resume (a resubscribe
+    # without since would bring the retained #3 alone).
+    for client in list(server.sessions.values()):
+        client.transport.abort()
+    for i in range(3):
+        server.publish_now("t", {"i": i})
+    assert await asyncio.wait_for(task, WAIT) == 0
+    lines = [orjson.loads(line) for line in out.getvalue().splitlines()]
+    assert [m["seq"] for m in lines if m.get("type") == "event"] == [1, 2, 3]
+    assert (lines[-1]["summary"]["gaps"], lines[-1]["summary"]["reconnects"]) == (0, 1)
+
+
 async def test_follow_says_when_the_server_cannot_be_reached() -> None:
     out, err = io.StringIO(), io.StringIO()
     code = await follow(

@@ -160,6 +160,47 @@ async def test_resumes_after_a_cut_with_no_duplicate_and_no_hole() -> None:
         assert sub.duplicates == 0
 
 
+async def test_a_topic_that_delivered_nothing_resumes_from_where_it_was_subscribed() -> None:
+    """The hole ``subscribed.seq`` closes: subscribed to an empty topic, cut before anything
+    arrived, events published meanwhile. Resubscribing without ``since`` would bring only
+    the retained latest one; resuming from the subscription's position brings them all."""
+    async with (
+        hub() as server,
+        connect(server.url, topics=[TOPIC], backoff=FAST, rng=lambda: 0.0) as sub,
+    ):
+        assert sub.positions == {TOPIC: 0}
+        assert TOPIC not in sub.last_seq
+        # The subscriber reconnects only while the application waits for an item, so all
+        # three are published while it is cut off: only the resume can bring them.
+        cut(server)
+        for n in range(1, 4):
+            await server.publish(TOPIC, n)
+        first = await take(sub, 1)
+        assert seqs(first) == [1], first  # not just the retained 3: nothing is missed
+        resumed = first + await take(sub, 2)
+        assert resumed == [Event(TOPIC, n, resumed[n - 1].ts, n) for n in (1, 2, 3)]
+        assert sub.connections == 2
+        assert sub.positions == {TOPIC: 0}  # where the resume took effect: the replay followed
+        await server.publish(TOPIC, 4)
+        assert seqs(await take(sub, 1)) == [4]
+        assert sub.duplicates == 0
+
+
+async def test_a_resume_continues_from_the_newer_of_position_and_last_seq() -> None:
+    async with (
+        hub() as server,
+        connect(server.url, topics=[TOPIC], backoff=FAST, rng=lambda: 0.0) as sub,
+    ):
+        await server.publish(TOPIC, 1)
+        await server.publish(TOPIC, 2)
+        assert seqs(await take(sub, 2)) == [1, 2]
+        cut(server)
+        await server.publish(TOPIC, 3)
+        assert seqs(await take(sub, 1)) == [3]  # resumed from 2, not from the position 0
+        assert sub.positions == {TOPIC: 2}
+        assert sub.duplicates == 0
+
+
 async def test_evicted_history_is_a_gap_value_covering_exactly_the_missed_range() -> None:
     async with (
         hub(settings(history={"size": 2})) as server,

@@ -18,7 +18,7 @@ import pytest
 from websockets.asyncio.client import ClientConnection, connect
 
 from wirestate.adapters.server import dashboard
-from wirestate.adapters.server.dashboard import ASSETS, PAGE, Dashboard
+from wirestate.adapters.server.dashboard import ASSETS, CLIENT_ASSETS, PAGE, Dashboard
 from wirestate.adapters.server.routes import HttpRequest, Router
 from wirestate.adapters.server.service import WirestateServer
 from wirestate.core import diagram
@@ -284,7 +284,7 @@ def test_the_breaker_diagram_is_the_table_with_every_state_placed() -> None:
 
 def test_every_shipped_file_is_served_and_nothing_else() -> None:
     shipped = {p.name for p in STATIC.iterdir() if p.is_file()}
-    assert shipped == {PAGE, *ASSETS}
+    assert shipped == {PAGE, *ASSETS, *CLIENT_ASSETS}
     pyproject = (Path(__file__).parents[3] / "pyproject.toml").read_text()
     assert '"wirestate.adapters.server" = ["py.typed", "static/*"]' in pyproject  # in the wheel
 
@@ -319,6 +319,61 @@ async def test_the_page_and_assets_are_served_with_types_and_revalidation(
         assert head.content == b""
 
 
+async def test_the_browser_client_is_served_cacheable_cross_origin_under_the_csp(
+    http: httpx.AsyncClient,
+) -> None:
+    page_csp = (await http.get("/")).headers["content-security-policy"]
+    for name, kind in CLIENT_ASSETS.items():
+        response = await http.get(f"/static/{name}")
+        assert response.status_code == 200
+        assert response.headers["content-type"] == kind
+        assert response.headers["cache-control"] == "public, max-age=3600"
+        assert response.headers["access-control-allow-origin"] == "*"
+        assert response.headers["content-security-policy"] == page_csp
+        assert response.headers["x-content-type-options"] == "nosniff"
+        assert response.content == (STATIC / name).read_bytes()
+        again = await http.get(
+            f"/static/{name}", headers={"If-None-Match": response.headers["etag"]}
+        )
+        assert again.status_code == 304
+    script = (await http.get("/static/wirestate.js")).text
+    assert "export function connect(" in script
+    assert "import " not in script.split("\n", 1)[1]  # no dependency
+
+
+def test_the_dashboard_has_no_socket_handling_of_its_own() -> None:
+    """One client implementation in the repository: the page goes through wirestate.js."""
+    script = (STATIC / "dashboard.js").read_text()
+    assert 'import { connect } from "./wirestate.js";' in script
+    assert "new WebSocket" not in script
+    assert ".onmessage" not in script
+    assert b'<script type="module" src="static/dashboard.js">' in (STATIC / PAGE).read_bytes()
+
+
+async def test_a_plain_get_of_ws_says_426_or_401_for_a_token_the_upgrade_refuses(
+    http: httpx.AsyncClient, guarded: httpx.AsyncClient
+) -> None:
+    open_answer = await http.get("/ws")
+    assert open_answer.status_code == 426
+    assert open_answer.headers["access-control-allow-origin"] == "*"
+    for params in ({}, {"token": "not.a.jwt"}, {"token": token(exp=time.time() - 10)}):
+        refused = await guarded.get("/ws", params=params)
+        assert refused.status_code == 401
+        assert refused.json()["error"] == "unauthorized"
+        assert refused.headers["access-control-allow-origin"] == "*"
+        assert "not.a.jwt" not in refused.text
+    accepted = await guarded.get("/ws", params={"token": token()})
+    assert accepted.status_code == 426
+    # As the upgrade decides: without a token, [auth] anonymous lets it in (a bad one not).
+    public = WirestateServer(settings(auth={"secret": SECRET, "anonymous": ["public.*"]}))
+    async with public, httpx.AsyncClient(base_url=f"http://127.0.0.1:{public.port}") as http_:
+        assert (await http_.get("/ws")).status_code == 426
+        assert (await http_.get("/ws", params={"token": "not.a.jwt"})).status_code == 401
+    assert (
+        await guarded.get("/ws", headers={"Authorization": f"Bearer {token()}"})
+    ).status_code == 426
+
+
 @pytest.mark.parametrize(
     "path",
     [
@@ -339,7 +394,9 @@ async def test_unknown_asset_names_are_404_and_reach_no_file(
     # Raw bytes on the socket: no client library normalizes the path on the way.
     reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
     try:
-        writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+        writer.write(
+            f"GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n".encode()
+        )
         async with asyncio.timeout(WAIT):
             answer = await reader.read()
     finally:

@@ -10,8 +10,12 @@ from prometheus_client.samples import Sample
 
 from wirestate.adapters.server.metrics import CONTENT_TYPE, Levels, Metrics
 from wirestate.adapters.server.routes import HttpRequest
+from wirestate.adapters.server.service import WirestateServer
+from wirestate.core.breaker import BreakerState
 from wirestate.core.causes import CloseCause
 from wirestate.core.hub import HubStats
+from wirestate.core.lifecycle import ConnState
+from wirestate.testing.net import free_port, server_settings
 
 BREAKER_STATES = ["closed", "open", "half_open", "forced_open", "disabled"]
 
@@ -219,6 +223,24 @@ def test_without_levels_they_read_zero() -> None:
     samples = _samples(Metrics(lambda: None, dict))
     assert _value(samples, "wirestate_topics") == 0
     assert _value(samples, "wirestate_handshakes_in_flight") == 0
+
+
+async def test_a_fresh_server_exports_every_gauge_state_before_anything_happens() -> None:
+    source = {
+        "topic": "agents",
+        "kind": "http",
+        "url": f"http://127.0.0.1:{free_port()}/never-asked",
+        "interval": 3600.0,
+    }
+    async with WirestateServer(server_settings({"sources": [source]})) as server:
+        text = server.metrics.render().decode()
+    for breaker in ("agents", "system_status"):
+        for state in BreakerState:
+            value = "1.0" if state is BreakerState.CLOSED else "0.0"
+            line = f'wirestate_breaker_state{{breaker="{breaker}",state="{state.value}"}} {value}'
+            assert line in text, line
+    for conn_state in ConnState:
+        assert f'wirestate_connections{{state="{conn_state.value}"}} 0.0' in text, conn_state
 
 
 def test_the_source_leader_gauge_says_which_shared_sources_this_node_polls(

@@ -107,8 +107,8 @@ async def http_publish(port: int, body: bytes, bearer: str | None) -> tuple[int,
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     auth = f"Authorization: Bearer {bearer}\r\n" if bearer else ""
     writer.write(
-        f"POST /publish HTTP/1.1\r\nHost: x\r\n{auth}Content-Length: {len(body)}\r\n"
-        "Connection: close\r\n\r\n".encode()
+        f"POST /publish HTTP/1.1\r\nHost: localhost\r\n{auth}Content-Length: {len(body)}\r\n"
+        "Content-Type: application/json\r\nConnection: close\r\n\r\n".encode()
         + body
     )
     raw = await asyncio.wait_for(reader.read(), WAIT)
@@ -151,7 +151,7 @@ async def test_tokens_and_the_secret_never_reach_the_logs(
 
 async def _get(port: int, path: str) -> tuple[int, bytes]:
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+    writer.write(f"GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n".encode())
     raw = await reader.read()
     writer.close()
     head, _, rest = raw.partition(b"\r\n\r\n")
@@ -160,7 +160,8 @@ async def _get(port: int, path: str) -> tuple[int, bytes]:
 
 async def test_open_mode_refuses_a_non_loopback_address() -> None:
     server = WirestateServer(Settings.model_validate({"server": {"host": "0.0.0.0", "port": 0}}))
-    with pytest.raises(ValueError, match=r"configure \[auth\] or bind 127.0.0.1"):
+    wanted = r"configure \[auth\], bind 127.0.0.1, or set \[server\] open_beyond_loopback"
+    with pytest.raises(ValueError, match=wanted):
         await server.start()
 
 

@@ -115,7 +115,7 @@ async def test_a_peer_that_never_answers_pings_is_closed_for_keepalive(
     # A raw peer: completes the upgrade, then never reads again, so never pongs.
     reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
     writer.write(
-        b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"GET /ws HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
         b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
     )
     head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), WAIT)
@@ -229,11 +229,13 @@ async def test_a_slow_consumer_is_cut_off_without_delaying_the_others() -> None:
 # -- HTTP on the same port -----------------------------------------------------------------
 
 
-async def http(port: int, method: str, path: str, body: bytes = b"") -> tuple[int, bytes]:
+async def http(
+    port: int, method: str, path: str, body: bytes = b"", media_type: str = "application/json"
+) -> tuple[int, bytes]:
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     writer.write(
-        f"{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n"
-        "Connection: close\r\n\r\n".encode()
+        f"{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Length: {len(body)}\r\n"
+        f"Content-Type: {media_type}\r\nConnection: close\r\n\r\n".encode()
         + body
     )
     raw = await asyncio.wait_for(reader.read(), WAIT)

@@ -63,14 +63,14 @@ async def test_wss_and_https_on_one_port(tmp_path: Path) -> None:
         assert welcome["type"] == "welcome"
         await ws.close()
         reader, writer = await asyncio.open_connection("127.0.0.1", server.port, ssl=trust)
-        writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
         raw = await asyncio.wait_for(reader.read(), 10)
         writer.close()
         assert raw.startswith(b"HTTP/1.1 200")
         assert raw.endswith(b'{"status":"ok"}')
         # A plain-text client gets nowhere: the port speaks TLS only.
         reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
-        writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")
         plain = await asyncio.wait_for(reader.read(), 10)
         writer.close()
         assert not plain.startswith(b"HTTP/1.1 200")

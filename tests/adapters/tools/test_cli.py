@@ -95,7 +95,8 @@ def test_schema_has_both_directions() -> None:
     code, out = run("schema")
     assert code == 0
     doc = json.loads(out)
-    assert {"client_to_server", "server_to_client"} <= set(doc)
+    assert {"ClientMessage", "ServerMessage"} <= set(doc["$defs"])
+    assert len(doc["oneOf"]) == 2
 
 
 def test_the_console_script_is_installed() -> None:
@@ -225,3 +226,52 @@ def test_accept_starvation_is_one_warning_a_second_that_says_what_to_change(
     other = {"message": "Task exception was never retrieved"}
     handler(loop, other)
     assert loop.passed == [other]
+
+
+def test_version_names_the_installed_package(capsys: pytest.CaptureFixture[str]) -> None:
+    from importlib.metadata import version
+
+    with pytest.raises(SystemExit) as done:
+        cli.main(["--version"])
+    assert done.value.code == 0
+    assert capsys.readouterr().out.strip() == f"wirestate {version('wirestate')}"
+
+
+@pytest.mark.parametrize(
+    ("flags", "said"),
+    [
+        ((), "close       1000 client_close (closed by this client)"),
+        (("--reconnect",), "(interrupted; closed 1000 by this client)"),
+    ],
+)
+async def test_an_interrupted_client_reports_the_close_it_made(
+    flags: tuple[str, ...], said: str
+) -> None:
+    import signal
+
+    from wirestate.adapters.server.service import WirestateServer
+    from wirestate.testing.net import WAIT, server_settings, until
+
+    async with WirestateServer(server_settings()) as server:
+        exe = Path(sys.executable).with_name("wirestate")
+        child = await asyncio.create_subprocess_exec(
+            str(exe),
+            "client",
+            server.url,
+            "--topic",
+            "t",
+            *flags,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+            # a shell's background job ignores SIGINT; Ctrl-C in a terminal does not
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        )
+        assert server.hub is not None
+        hub = server.hub
+        await until(lambda: any(t == "t" for c in hub.clients.values() for t in c.topics), 20)
+        child.send_signal(signal.SIGINT)
+        async with asyncio.timeout(WAIT * 4):
+            out, _ = await child.communicate()
+        await until(lambda: hub.stats.disconnects.get("peer_close", 0) == 1)
+    assert child.returncode == 130
+    assert said in out.decode(), out.decode()

@@ -229,6 +229,17 @@ async def test_a_stall_for_all_holds_connections_accepted_later(proxy: FaultProx
     writer.close()
 
 
+async def test_a_timed_stall_for_all_ends_for_connections_accepted_during_it(
+    proxy: FaultProxy, echo: Echo
+) -> None:
+    proxy.stall(0.3)
+    reader, writer = await open_client(proxy)  # accepted while the stall holds
+    writer.write(b"held")
+    await assert_nothing_arrives(reader)
+    assert await read_exactly(reader, 4) == b"held"  # the stall's end lets it go too
+    writer.close()
+
+
 async def test_delay_adds_latency_and_keeps_order(proxy: FaultProxy) -> None:
     reader, writer = await open_client(proxy)
     writer.write(b"x")

@@ -23,6 +23,7 @@ from wirestate.models.settings import Settings
 from wirestate.models.wire import portable
 
 SETTINGS = {"server": {"port": 0, "ping_interval": 0.2, "ping_timeout": 0.5, "close_timeout": 0.5}}
+TS = "2026-01-01T00:00:00.000Z"
 #: websockets' own 1009 close reason (see test_oversized_frame_closes_with_the_cause).
 TOLERATE = frozenset({"close_reason_1009"})
 
@@ -86,13 +87,32 @@ def _refused(msg: dict[str, object]) -> bool:
 
 
 def fake_server(
-    *, skip_seq: bool = False, bad_pong: bool = False, any_data: bool = False
+    *,
+    skip_seq: bool = False,
+    bad_pong: bool = False,
+    any_data: bool = False,
+    stale_position: bool = False,
+    replay_held: bool = False,
 ) -> Callable[..., object]:
-    """A minimal protocol v1 server (welcome, subscribe, unsubscribe, publish, ping)."""
+    """A minimal protocol v1 server (welcome, subscribe with the retained latest event,
+    unsubscribe, publish, ping). With no connection left it forgets its topics and counts
+    in a new epoch, as a restarted server would: each of the fuzzer's test cases then meets
+    the same server, so a failing script fails the same way when Hypothesis replays it."""
     subscribers: dict[str, set[ServerConnection]] = {}
     seqs: dict[str, int] = {}
+    retained: dict[str, dict[str, object]] = {}
+    live: set[ServerConnection] = set()
+    epoch = [0]
+    # A publish reaches every subscriber before a subscribe is answered, and the other way
+    # round: the fuzzer checks `subscribed.seq` against the order frames arrive in.
+    order = asyncio.Lock()
 
     async def handler(ws: ServerConnection) -> None:
+        if not live:
+            seqs.clear()
+            retained.clear()
+            epoch[0] += 1
+        live.add(ws)
         await ws.send(json.dumps({"type": "welcome", "client_id": "x", "protocol": 1,
                                   "ping_interval": 30.0, "ping_timeout": 10.0}))  # fmt: skip
         try:
@@ -107,10 +127,25 @@ def fake_server(
                 except (ValueError, KeyError, TypeError):
                     await ws.send(json.dumps({"type": "error", "code": "bad_json", "message": "x"}))
                     continue
-                if kind == "subscribe" and isinstance(msg.get("topics"), list):
-                    for t in msg["topics"]:
-                        subscribers.setdefault(str(t), set()).add(ws)
-                    await ws.send(json.dumps({"type": "subscribed", "topics": msg["topics"]}))
+                if kind == "subscribe" and "since" in msg:  # the fuzzer sends none valid
+                    error = {"type": "error", "code": "invalid_message", "message": "x"}
+                    await ws.send(json.dumps(error))
+                elif kind == "subscribe" and isinstance(msg.get("topics"), list):
+                    topics = list(dict.fromkeys(map(str, msg["topics"])))
+                    async with order:
+                        position = {t: 0 if stale_position else seqs.get(t, 0) for t in topics}
+                        held = [t for t in topics if ws in subscribers.get(t, ())]
+                        replay = [
+                            retained[t]
+                            for t in topics
+                            if t in retained and (replay_held or t not in held)
+                        ]
+                        for t in topics:
+                            subscribers.setdefault(t, set()).add(ws)
+                        ack = {"type": "subscribed", "topics": topics, "seq": position,
+                               "epoch": dict.fromkeys(topics, f"e{epoch[0]}")}  # fmt: skip
+                        for frame in [ack, *replay]:
+                            await ws.send(json.dumps(frame))
                 elif kind == "unsubscribe" and isinstance(msg.get("topics"), list):
                     for t in msg["topics"]:
                         subscribers.get(str(t), set()).discard(ws)
@@ -123,20 +158,24 @@ def fake_server(
                     await ws.send(json.dumps(error))
                 elif kind == "publish" and isinstance(msg.get("topic"), str):
                     topic = msg["topic"]
-                    seqs[topic] = seqs.get(topic, 0) + (2 if skip_seq and seqs.get(topic) else 1)
-                    event = {"type": "event", "topic": topic, "seq": seqs[topic],
-                             "ts": "2026-01-01T00:00:00.000Z", "data": msg.get("data")}  # fmt: skip
-                    for sub in list(subscribers.get(topic, ())):
-                        try:
-                            await sub.send(json.dumps(event))
-                        except ConnectionClosed:
-                            subscribers[topic].discard(sub)
+                    async with order:
+                        step = 2 if skip_seq and seqs.get(topic) else 1
+                        seqs[topic] = seqs.get(topic, 0) + step
+                        event = {"type": "event", "topic": topic, "seq": seqs[topic],
+                                 "ts": TS, "data": msg.get("data")}  # fmt: skip
+                        retained[topic] = event
+                        for sub in list(subscribers.get(topic, ())):
+                            try:
+                                await sub.send(json.dumps(event))
+                            except ConnectionClosed:
+                                subscribers[topic].discard(sub)
                 else:
                     error = {"type": "error", "code": "unknown_type", "message": "x"}
                     await ws.send(json.dumps(error))
         except ConnectionClosed:
             pass
         finally:
+            live.discard(ws)
             for subs in subscribers.values():
                 subs.discard(ws)
 
@@ -144,18 +183,23 @@ def fake_server(
 
 
 @pytest.mark.parametrize(
-    ("bug", "symptom"),
+    ("bug", "symptom", "examples"),
     [
-        ({"skip_seq": True}, "with no gap"),
-        ({"bad_pong": True}, "pong"),
-        ({"any_data": True}, "fz.odd"),
+        ({"skip_seq": True}, "with no gap", 30),
+        ({"bad_pong": True}, "pong", 30),
+        ({"any_data": True}, "fz.odd", 30),
+        ({"stale_position": True}, "subscribed said seq 0", 30),
+        # Needs a publish on a topic between two subscribes to it: a longer search.
+        ({"replay_held": True}, "came twice", 100),
     ],
 )
-async def test_a_planted_bug_fails_with_a_short_script(bug: dict[str, bool], symptom: str) -> None:
+async def test_a_planted_bug_fails_with_a_short_script(
+    bug: dict[str, bool], symptom: str, examples: int
+) -> None:
     async with serve(fake_server(**bug), "127.0.0.1", 0, compression=None, max_size=65536) as srv:
         port = next(iter(srv.sockets)).getsockname()[1]
         url = f"ws://127.0.0.1:{port}/ws"
-        rc, out = await fuzz(url, examples=30, steps=15, tolerate=TOLERATE)
+        rc, out = await fuzz(url, examples=examples, steps=15, tolerate=TOLERATE)
     assert rc == 1, out
     assert "state = WireFuzzer()" in out
     assert "peers_0 = state.connect()" in out

@@ -239,3 +239,25 @@ def test_users_import_it_from_wirestate_testing() -> None:
     s = testing.Simulation(random.Random(7).random, clients=2, topics=("x",))
     s.run(200, cut_rate=0.1, slow_rate=0.05, restart_rate=0.01).settle().check()
     assert isinstance(s.report(), testing.Report)
+
+
+def subscribed_at(seq: int) -> dict[str, Any]:
+    return {
+        "type": "subscribed",
+        "topics": ["t"],
+        "recovered": {"t": True},
+        "epoch": {"t": "e1"},
+        "seq": {"t": seq},
+    }
+
+
+def test_the_default_client_resumes_a_quiet_topic_from_where_it_was_subscribed() -> None:
+    """Not from 0: what the topic held before the subscription is not the client's, and a
+    history that no longer reaches back that far would answer with a needless gap."""
+    client = ResumingClient()
+    client.on_frame(subscribed_at(5))
+    assert client.resume_since() == {"t": (5, "e1")}
+    client.on_frame({"type": "event", "topic": "t", "seq": 6})
+    assert client.resume_since() == {"t": (6, "e1")}
+    client.on_frame(subscribed_at(6))  # a resume's subscribed names its since
+    assert client.resume_since() == {"t": (6, "e1")}

@@ -24,3 +24,24 @@ def test_a_conflation_gap_is_accounted_for_as_delivery() -> None:
         machine.delivery_matches_reference()
     assert machine.received[(0, "k")] == [1, 2, 3]
     assert machine.expected[(0, "k")] == [1, 2, 3]
+
+
+def test_subscribing_again_to_a_held_topic_owes_nothing_twice() -> None:
+    """The reference catches a replay to a client that already holds the topic: its
+    retained event would be received twice."""
+    machine = LifecycleMachine()
+    script = [
+        ("accept", 0),
+        ("start", 0),
+        ("write", 0),  # the welcome
+        ("publish", "t"),
+        ("subscribe", 0, "t"),  # the retained t1
+        ("write", 0),
+        ("subscribe", 0, "t"),  # again: acknowledged, t1 not resent
+        ("publish", "t"),
+        ("write", 0),
+    ]
+    for label in script:
+        machine._step(label)
+        machine.delivery_matches_reference()
+    assert machine.received[(0, "t")] == [1, 2]

@@ -27,6 +27,8 @@ from wirestate.core.lifecycle import PUMPS, ConnState
 from wirestate.models.settings import Settings
 from wirestate.testing.net import WAIT, connected, next_of, server_settings, until
 
+JSON_BODY = {"content-type": "application/json"}
+
 pytestmark = [
     # uvicorn's legacy "websockets" implementation, tested beside its default, says it is
     # deprecated (and websockets' legacy API with it)
@@ -156,10 +158,10 @@ async def test_http_endpoints_through_the_mount(mounted: Served) -> None:
             if line.startswith("wirestate_publish_to_write_seconds_count")
         )
         assert float(count.split()[-1]) >= 1  # the event was timed to its send
-        reply = await http.post("/publish", content=b"{oops")
+        reply = await http.post("/publish", content=b"{oops", headers=JSON_BODY)
         assert (reply.status_code, reply.json()["error"]) == (400, "bad_json")
         assert b"oops" not in reply.content
-        reply = await http.post("/publish", content=b"x" * 70_000)  # over max_message_size
+        reply = await http.post("/publish", content=b"x" * 70_000, headers=JSON_BODY)
         assert (reply.status_code, reply.json()["error"]) == (413, "payload_too_large")
         reply = await http.get("/nope")
         assert (reply.status_code, reply.json()["error"]) == (404, "not_found")
@@ -394,7 +396,7 @@ async def test_a_peer_that_never_answers_pings_is_dropped_by_the_servers_keepali
         watcher, _ = await client(f"ws://127.0.0.1:{port}/ws", "clients")  # answers pings
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         writer.write(
-            b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"GET /ws HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
             b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
         )
         head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), WAIT)
@@ -501,6 +503,9 @@ async def test_auth_no_token_is_401_and_a_token_lets_the_client_in(guarded: Serv
         bearer = {"Authorization": f"Bearer {token(publish=['orders.*'])}"}
         reply = await http.post("/publish", json=body, headers=bearer)
         assert (reply.status_code, reply.json()) == (200, {"seq": 1})
+        # A plain GET of /ws tells a page whether its token would be refused at the upgrade.
+        assert (await http.get("/ws", params={"token": "not.a.jwt"})).status_code == 401
+        assert (await http.get("/ws", params={"token": token()})).status_code == 426
 
 
 async def test_a_disallowed_origin_is_403(guarded: Served) -> None:
@@ -520,10 +525,14 @@ async def test_tokens_never_reach_the_logs(
     await ws.close()
     async with httpx.AsyncClient(base_url=guarded.http, timeout=WAIT) as http:
         await http.post(f"/publish?token={good}", json={"topic": "orders.eu", "data": 1})
+
     # The server's records (the test's own clients, httpx included, log the URL they use).
-    lines = [r.getMessage() for r in caplog.records if r.name.startswith(("uvicorn", "wire"))]
-    assert any("?token=[redacted]" in line for line in lines)  # uvicorn logged the path
-    assert not any(good in line or good.split(".")[2] in line for line in lines)
+    def lines() -> list[str]:
+        return [r.getMessage() for r in caplog.records if r.name.startswith(("uvicorn", "wire"))]
+
+    # uvicorn logs the request after answering it: wait for its line, bounded
+    await until(lambda: any("?token=[redacted]" in line for line in lines()))
+    assert not any(good in line or good.split(".")[2] in line for line in lines())
 
 
 async def test_first_message_auth() -> None:
