@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import secrets
 import signal
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -317,6 +318,20 @@ async def test_publish_now_is_for_node_local_topics_only(redis_url: str) -> None
         assert server.publish_now("system_status", {"ok": True}) >= 1
         assert not server.bus.carries("clients")
         assert server.bus.carries(topic())
+
+
+async def test_node_local_code_publishes_shared_topics_through_the_bus(redis_url: str) -> None:
+    """What a node-local source publishes on a shared topic (its breaker's transitions on
+    circuit_breaker) goes through the bus; its own topic stays here."""
+    marker = secrets.token_hex(4)
+    async with WirestateServer(_bus_settings(redis_url)) as server:
+        async with subscriber(Node(None, server.port), "circuit_breaker") as (ws, _):
+            assert (
+                server.publish_any("circuit_breaker", {"marker": marker}) == 0
+            )  # the bus numbers it
+            while (await events(ws, 1))[0].get("data") != {"marker": marker}:
+                pass
+        assert server.publish_any("system_status", {"ok": True}) >= 1
 
 
 async def test_the_bus_breaker_takes_every_key_of_its_table(redis_url: str) -> None:
