@@ -198,3 +198,29 @@ async def test_a_leader_cut_off_from_redis_serves_its_clients_but_never_the_bus(
     written = {int(entry_id.split(b"-")[0]) for entry_id, _ in stream}
     assert down
     assert not written & {m["seq"] for m in down}  # delivered here, never on the bus
+
+
+async def test_a_lease_request_that_raises_is_logged_and_the_lease_goes_on(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    t = topic()
+    server = _server(redis_url, ttl=3.0)
+
+    async def fetch() -> int:
+        return 1
+
+    server.add_source(t, fetch, interval=0.01, timeout=1.0)
+    original = leases.SharedSource._ask
+    raised: list[bool] = []
+
+    async def ask(shared: leases.SharedSource, what: Any, sent: float) -> None:
+        if not raised:
+            raised.append(True)
+            raise KeyError("a reply of an unexpected shape")
+        await original(shared, what, sent)
+
+    monkeypatch.setattr(leases.SharedSource, "_ask", ask)
+    async with server:
+        await until(lambda: server.shared[t].leader, bound=5.0)
+        assert server.shared[t].errors == 1
+    assert "a lease request raised KeyError" in caplog.text
