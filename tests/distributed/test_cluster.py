@@ -130,7 +130,7 @@ async def test_one_poller_one_breaker_one_numbering_and_a_clean_takeover(
                 return [
                     m
                     for m in f.on("circuit_breaker")
-                    if m["type"] == "event" and m["data"]["breaker"] == source
+                    if m["type"] == "event" and m["data"].get("breaker") == source
                 ]
 
             await until(lambda: all(opened(f) for f in subs))
