@@ -12,7 +12,10 @@ told:
   below the cursor is a duplicate and ignored; a jump owes a ``bus_outage`` gap.
 - While the link is down (``lost``), the node keeps delivering what is published on it to
   its own subscribers (``publish_local``), numbered on from the last seq it had, and keeps
-  those events (up to the stream's cap) for the bus.
+  those events (up to the stream's cap) for the bus. The last seq it had includes its own
+  publishes the bus acknowledged (``acked``) but the node had not read back when the link
+  failed: a failover may have lost them, so its subscribers are told of them as a
+  ``bus_outage`` gap rather than see their seqs reused for other events.
 - On recovery, each topic is reconciled (``plan`` for the adapter's one atomic script, then
   ``reconciled`` with its answer): when nobody else wrote meanwhile the local events enter
   the stream under the very seqs the local clients saw; when another node did, they are
@@ -47,6 +50,8 @@ class TopicLink:
     """One bus topic as this node knows it."""
 
     cursor: int = 0  # the last seq confirmed by the bus
+    #: the highest seq the bus gave one of this node's own publishes (read back or not)
+    acked: int = 0
     attached: bool = False  # reading its stream
     #: events published here while the link was down, as (body, ts), oldest first
     pending: deque[tuple[bytes, str]] = field(default_factory=deque)
@@ -56,7 +61,8 @@ class TopicLink:
 @dataclass(frozen=True)
 class Plan:
     """What the adapter sends to reconcile one topic: this node's epoch and count for it,
-    ``skipped`` events it can no longer send, then ``events`` as (body, ts)."""
+    ``skipped`` events it can no longer send, then ``events`` as (body, ts); an empty body
+    is a hole: its seq is taken, nothing is written."""
 
     topic: str
     epoch: str
@@ -107,7 +113,12 @@ class BusState:
                 del self.links[name]
 
     def attach(
-        self, topic: str, epoch: str, seq: int, events: Iterable[tuple[int, bytes, str]], now: float
+        self,
+        topic: str,
+        epoch: str,
+        seq: int,
+        events: Iterable[tuple[int, bytes, str, bytes]],
+        now: float,
     ) -> None:
         """The topic's state read from the bus (``events`` oldest first)."""
         self.hub.attach(topic, epoch, seq, events, now)
@@ -115,19 +126,27 @@ class BusState:
         link.cursor = self.hub.topics[topic].seq
         link.attached = True
 
-    def entries(self, topic: str, events: Iterable[tuple[int, bytes, str]], now: float) -> int:
-        """Events read from the topic's stream, oldest first; returns how many were new."""
+    def entries(
+        self, topic: str, events: Iterable[tuple[int, bytes, str, bytes]], now: float
+    ) -> int:
+        """Events read from the topic's stream as ``(seq, body, ts, tail)`` (``Hub.deliver``),
+        oldest first; returns how many were new."""
         link = self.link(topic)
         hub = self.hub
         delivered = 0
         before = hub.topics[topic].seq if topic in hub.topics else 0
-        for seq, body, ts in events:
-            if hub.deliver(topic, seq, body, ts, now):
+        for seq, body, ts, tail in events:
+            if hub.deliver(topic, seq, body, ts, now, tail):
                 delivered += 1
             link.cursor = max(link.cursor, seq)
         after = hub.topics[topic].seq
         self.gapped += max(0, after - before - delivered)
         return delivered
+
+    def acked(self, topic: str, seq: int) -> None:
+        """The bus numbered one of this node's publishes ``seq``."""
+        link = self.link(topic)
+        link.acked = max(link.acked, seq)
 
     def lost(self) -> bool:
         """The link failed; True when it was up (a new outage)."""
@@ -137,13 +156,34 @@ class BusState:
             self.outages += 1
         return was
 
-    def publish_local(self, topic: str, data: Any, now: float) -> int:
+    def publish_local(
+        self,
+        topic: str,
+        data: Any,
+        now: float,
+        *,
+        stale: bool = False,
+        age: float | None = None,
+        keep: bool = True,
+    ) -> int:
         """Publish while the link is down: this node's subscribers get it now, numbered on
-        from the last seq here; the bus gets it on recovery. Returns the local seq."""
+        from the last seq here; the bus gets it on recovery (its data: a stale flag is this
+        node's clients' only). Returns the local seq.
+
+        ``keep=False``: the bus must never get it (a shared source's leader's write, which
+        only its lease may let through, and the lease cannot be checked now). It still
+        holds its seq in the plan, as a hole (an empty body), so that the local numbering
+        stays the bus's; other nodes' subscribers get a ``bus_outage`` gap for it."""
         body = dumps(data)
-        seq = self.hub.publish(topic, data, now)
         link = self.link(topic)
-        link.pending.append((body, self.hub.stamp(now)))
+        hub = self.hub
+        known = hub.topics[topic].seq if topic in hub.topics else 0
+        if link.acked > known:
+            # Acknowledged, never read back: the local count goes on after them.
+            hub.rebase(topic, link.acked, now)
+            self.gapped += link.acked - known
+        seq = hub.publish(topic, data, now, stale=stale, age=age)
+        link.pending.append((body if keep else b"", self.hub.stamp(now)))
         if len(link.pending) > self.cap:
             link.pending.popleft()
             link.skipped += 1
@@ -156,7 +196,7 @@ class BusState:
         for name, link in self.links.items():
             topic = self.hub.topics.get(name)
             epoch = topic.epoch if topic is not None else self.hub.epoch
-            base = link.cursor
+            base = max(link.cursor, link.acked)
             if link.attached or link.pending or link.skipped:
                 plans.append(Plan(name, epoch, base, link.skipped, tuple(link.pending)))
         return plans
@@ -181,7 +221,10 @@ class BusState:
             before = hub.topics[plan.topic].seq
             hub.rebase(plan.topic, end, now)
             self.gapped += end - before
-        link.cursor = end if status is not Reconciled.MOVED or sent else plan.base
+        if sent or status is Reconciled.EPOCH:
+            link.cursor = end
+        # else reading goes on from the cursor: what the bus still holds is delivered, and
+        # a hole (writes the bus lost) is a bus_outage gap
 
     def restored(self) -> None:
         self.up = True

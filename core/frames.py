@@ -39,23 +39,30 @@ def control(value: dict[str, Any]) -> bytes:
 def event(topic: str, seq: int, ts: str, data_json: str, stale: bool, age: float | None) -> bytes:
     """An ``event`` frame; ``data_json`` is the event's data, already serialized. A stale
     one carries its ``age`` (`Hub.publish` checks it)."""
-    stale_part = f',"stale":true,"age":{age!r}' if stale else ',"stale":false'
     return (
         f'{{"type":"event","topic":{dumps(topic).decode()},"seq":{seq},'
-        f'"ts":"{ts}","data":{data_json}{stale_part}}}'
-    ).encode()
+        f'"ts":"{ts}","data":{data_json}'
+    ).encode() + event_tail(stale, age)
+
+
+def event_tail(stale: bool, age: float | None) -> bytes:
+    """What follows an event's data: its ``stale`` flag, with its ``age`` when stale, and
+    the frame's end. The bus carries it beside the data of an event published stale."""
+    if not stale:
+        return b',"stale":false}'
+    return f',"stale":true,"age":{age!r}}}'.encode()
 
 
 def event_head(topic: str, seq: int, ts: str) -> bytes:
     """The start of an ``event`` frame up to ``"data":``: the bus appends the data it
-    carries as JSON, then `EVENT_TAIL`."""
+    carries as JSON, then its tail (`EVENT_TAIL` for a fresh event, else `event_tail`)."""
     return (
         f'{{"type":"event","topic":{dumps(topic).decode()},"seq":{seq},'
         f'"ts":{dumps(ts).decode()},"data":'
     ).encode()
 
 
-#: What follows the data of an event delivered from the bus (never stale).
+#: What follows the data of a fresh event (``event_tail(False, None)``).
 EVENT_TAIL: Final = b',"stale":false}'
 
 

@@ -536,11 +536,20 @@ class Hub:
         self._emit(topic, seq, frame, now)
         return seq
 
-    def deliver(self, topic_name: str, seq: int, body: bytes, ts: str, now: float) -> bool:
-        """An event sequenced elsewhere (the bus): ``body`` is its data, already JSON, and
-        ``ts`` its publisher's stamp. Returns False for a duplicate (``seq`` not above the
-        topic's), which changes nothing. An event beyond the next seq first owes every
-        subscriber a ``bus_outage`` gap for the hole (``rebase``)."""
+    def deliver(
+        self,
+        topic_name: str,
+        seq: int,
+        body: bytes,
+        ts: str,
+        now: float,
+        tail: bytes = frames.EVENT_TAIL,
+    ) -> bool:
+        """An event sequenced elsewhere (the bus): ``body`` is its data, already JSON, ``ts``
+        its publisher's stamp and ``tail`` the end of its frame (``frames.event_tail``: a
+        source's stale value travels with its flag and age). Returns False for a duplicate
+        (``seq`` not above the topic's), which changes nothing. An event beyond the next seq
+        first owes every subscriber a ``bus_outage`` gap for the hole (``rebase``)."""
         topic = self._topic(topic_name)
         if seq <= topic.seq:
             self.stats.duplicates += 1
@@ -548,7 +557,7 @@ class Hub:
         if seq > topic.seq + 1:
             self.rebase(topic_name, seq - 1, now)
         head = frames.event_head(topic_name, seq, ts)
-        self._emit(topic, seq, head + body + frames.EVENT_TAIL, now)
+        self._emit(topic, seq, head + body + tail, now)
         return True
 
     def rebase(self, topic_name: str, seq: int, now: float, *, epoch: str | None = None) -> None:
@@ -582,16 +591,17 @@ class Hub:
         topic_name: str,
         epoch: str,
         seq: int,
-        events: Iterable[tuple[int, bytes, str]],
+        events: Iterable[tuple[int, bytes, str, bytes]],
         now: float,
     ) -> None:
         """Take a topic's state from the bus: its ``epoch``, its last ``seq`` and the tail
-        of its stream as ``(seq, body, ts)``, oldest first. Events this node already has
-        are skipped (no duplicate); subscribers get the rest, after a gap for any hole."""
+        of its stream as ``(seq, body, ts, tail)`` (``deliver``), oldest first. Events this
+        node already has are skipped (no duplicate); subscribers get the rest, after a gap
+        for any hole."""
         if epoch != self._topic(topic_name).epoch:
             self.rebase(topic_name, 0, now, epoch=epoch)
-        for event_seq, body, ts in events:
-            self.deliver(topic_name, event_seq, body, ts, now)
+        for event_seq, body, ts, tail in events:
+            self.deliver(topic_name, event_seq, body, ts, now, tail)
         self.rebase(topic_name, seq, now)
 
     def _emit(self, topic: Topic, seq: int, frame: bytes, now: float) -> None:

@@ -50,7 +50,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from types import NoneType, UnionType
 from typing import Annotated, Any, Literal, TypeAlias, Union, get_args, get_origin
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 from pydantic_core import ErrorDetails
@@ -68,6 +68,7 @@ from .wire import Topic
 
 __all__ = [
     "ENV_PREFIX",
+    "SENTINEL_SCHEME",
     "AuthSettings",
     "BreakerSettings",
     "BusBreakerSettings",
@@ -75,11 +76,13 @@ __all__ = [
     "ConfigError",
     "HistorySettings",
     "LimitsSettings",
+    "SentinelAddress",
     "ServerSettings",
     "Settings",
     "SourceSettings",
     "TopicSettings",
     "load_settings",
+    "sentinel_address",
 ]
 
 ENV_PREFIX = "WIRESTATE_"
@@ -336,7 +339,63 @@ class HistorySettings(_Section):
     max_age: Seconds = 600.0
 
 
-_REDIS_SCHEMES = frozenset({"redis", "rediss", "unix"})
+#: The scheme of a bus URL that names Redis Sentinels rather than a server.
+SENTINEL_SCHEME = "redis+sentinel"
+_REDIS_SCHEMES = frozenset({"redis", "rediss", "unix", SENTINEL_SCHEME})
+
+
+class SentinelAddress(BaseModel):
+    """A ``redis+sentinel://`` bus URL, parsed: where the sentinels listen, the name they
+    monitor the primary under, the database, and the primary's credentials (the sentinels
+    are asked without them)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    sentinels: tuple[tuple[str, int], ...]
+    service: str
+    db: int = 0
+    username: str | None = None
+    password: str | None = Field(default=None, repr=False)
+
+
+def sentinel_address(url: str) -> SentinelAddress | None:
+    """``redis+sentinel://[[user]:password@]host:port[,host:port...]/service_name[/db]``
+    as a `SentinelAddress`; None for another scheme. ``ValueError`` for a Sentinel URL
+    without a sentinel, a port or a service name, or with a database that is not a number.
+    The port defaults to 26379, Sentinel's own."""
+    if not url.startswith(f"{SENTINEL_SCHEME}://"):
+        return None
+    rest = url[len(SENTINEL_SCHEME) + 3 :]
+    hosts, _, path = rest.partition("/")
+    username = password = None
+    if "@" in hosts:
+        auth, _, hosts = hosts.rpartition("@")
+        user, colon, secret = auth.partition(":")
+        username, password = (user or None), (unquote(secret) if colon else None)
+        if not colon:  # "password@host", as redis:// reads a lone user part
+            username, password = None, unquote(user)
+    sentinels = []
+    for part in hosts.split(","):
+        host, _, port = part.strip().rpartition(":") if ":" in part else (part.strip(), "", "")
+        host = host.strip("[]")
+        if not host:
+            raise ValueError("a redis+sentinel:// URL needs host:port for each sentinel")
+        try:
+            sentinels.append((host, int(port) if port else 26379))
+        except ValueError:
+            raise ValueError(f"bad sentinel port in {part.strip()!r}") from None
+    service, _, db = path.strip("/").partition("/")
+    if not service:
+        raise ValueError("a redis+sentinel:// URL needs the service name: .../service_name[/db]")
+    if db and not db.isdigit():
+        raise ValueError("the database of a redis+sentinel:// URL must be a number")
+    return SentinelAddress(
+        sentinels=tuple(sentinels),
+        service=unquote(service),
+        db=int(db or 0),
+        username=username,
+        password=password,
+    )
 
 
 class BusSettings(_Section):
@@ -345,14 +404,19 @@ class BusSettings(_Section):
     #: "memory": one node; "redis": Redis Streams number and carry every topic.
     kind: Literal["memory", "redis"] = "memory"
     # repr=False: a Redis URL may carry a password.
-    #: The Redis server of kind "redis" (redis://, rediss:// or unix://).
+    #: The Redis server of kind "redis" (redis://, rediss:// or unix://), or the sentinels
+    #: that know its primary: redis+sentinel://host:port[,host:port]/service_name[/db].
     url: str = Field(default="redis://127.0.0.1:6379/0", repr=False)
+    #: Seconds a shared source's lease lives without renewal: the longest a source goes
+    #: unpolled after its leader dies (renewed every third of it).
+    lease_ttl: float = Field(default=10.0, gt=0, allow_inf_nan=False)
     breaker: BusBreakerSettings = Field(default_factory=BusBreakerSettings)
 
     @model_validator(mode="after")
     def _redis_url(self) -> BusSettings:
         if urlsplit(self.url).scheme not in _REDIS_SCHEMES:
-            raise ValueError("url must be a redis://, rediss:// or unix:// URL")
+            raise ValueError("url must be a redis://, rediss://, unix:// or redis+sentinel:// URL")
+        sentinel_address(self.url)  # ValueError for a malformed Sentinel address
         return self
 
 

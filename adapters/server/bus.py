@@ -36,6 +36,7 @@ import contextlib
 import logging
 import secrets
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import orjson
@@ -43,8 +44,9 @@ from redis.exceptions import RedisError
 
 from wirestate.core.breaker import Breaker, BreakerConfig, Permit, StateChanged
 from wirestate.core.bus import BusState, Plan, Reconciled
-from wirestate.core.frames import dumps
+from wirestate.core.frames import EVENT_TAIL, dumps, event_tail
 from wirestate.core.hub import Hub
+from wirestate.models.settings import sentinel_address
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -116,19 +118,46 @@ local function meta(kmeta, kstream, candidate)
 end
 """
 
-# KEYS: meta, stream. ARGV: cap, candidate epoch, body, ts, max age (ms). Returns the seq.
-PUBLISH = (
-    _SEED
-    + """
+_PUBLISH = """
 meta(KEYS[1], KEYS[2], ARGV[2])
 local seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
 local now = clock()
+local extra = {}
+if ARGV[6] ~= '' then
+  extra[#extra + 1] = 's'
+  extra[#extra + 1] = ARGV[6]
+end
+if ARGV[7] ~= '' then
+  extra[#extra + 1] = 'b'
+  extra[#extra + 1] = ARGV[7]
+end
 redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[1], seq .. '-0', 'd', ARGV[3], 't', ARGV[4],
-           'w', now)
+           'w', now, unpack(extra))
 age(KEYS[1], KEYS[2], now, tonumber(ARGV[5]))
 return seq
 """
-)
+
+#: The fence in front of a shared source's publish: nothing is written unless the lease
+#: key still holds the publisher's token (a paused ex-leader is refused, with -1).
+_FENCE = """
+if redis.call('GET', KEYS[3]) ~= ARGV[8] then
+  return -1
+end
+"""
+
+
+def publish_script(*, fenced: bool) -> str:
+    """The publish script; ``fenced``: the variant a source's leader publishes with.
+
+    KEYS: meta, stream (fenced: and the lease key). ARGV: cap, candidate epoch, body, ts,
+    max age (ms), the frame's tail when it is not a fresh event's (``s``, else empty), the
+    source's state (``b``, else empty) (fenced: and the token). Returns the seq, or -1 when
+    the fence refused the write."""
+    return _SEED + (_FENCE if fenced else "") + _PUBLISH
+
+
+PUBLISH = publish_script(fenced=False)
+FENCED_PUBLISH = publish_script(fenced=True)
 
 # KEYS: meta, stream. ARGV: cap, candidate epoch, max age (ms). Returns {epoch, seq, newest
 # entries}: only entries younger than the max age.
@@ -174,8 +203,10 @@ local now = clock()
 seq = seq + tonumber(ARGV[4])
 for i = 0, tonumber(ARGV[5]) - 1 do
   seq = seq + 1
-  redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[1], seq .. '-0', 'd', ARGV[7 + 2 * i],
-             't', ARGV[8 + 2 * i], 'w', now)
+  if ARGV[7 + 2 * i] ~= '' then  -- empty: a hole, the seq taken and nothing written
+    redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[1], seq .. '-0', 'd', ARGV[7 + 2 * i],
+               't', ARGV[8 + 2 * i], 'w', now)
+  end
 end
 redis.call('HSET', KEYS[1], 'seq', seq)
 age(KEYS[1], KEYS[2], now, tonumber(ARGV[6]))
@@ -195,6 +226,31 @@ def stream_key(topic: str) -> str:
 def topic_of(key: str) -> str:
     """The topic of a ``stream_key``."""
     return key[len("wirestate:{") : -len("}:stream")]
+
+
+@dataclass(frozen=True, slots=True)
+class Extra:
+    """What a shared source's publish carries beside its data: its stale flag and age
+    (delivered as they are on every node), its ``state`` (the breaker and the cached
+    value's time, JSON, for the node that takes the source over) and, from the source's
+    leader, the fence: the ``lease`` key that must still hold ``token``. A write the fence
+    refuses is dropped and ``refused`` is called (the lease is someone else's)."""
+
+    stale: bool = False
+    age: float | None = None
+    state: bytes = b""
+    lease: str | None = None
+    token: str = ""
+    refused: Callable[[], None] | None = None
+
+    @property
+    def tail(self) -> bytes:
+        return event_tail(self.stale, self.age) if self.stale else b""
+
+
+PLAIN = Extra()
+
+_Queued = tuple[str, bytes, str, "asyncio.Future[int] | None", Extra]
 
 
 class BusUnavailable(RuntimeError):
@@ -276,13 +332,17 @@ class RedisBus:
         self._redis: Redis | None = None
         self._reader_redis: Redis | None = None
         self._scripts: dict[str, Any] = {}
-        self._outbox: list[tuple[str, bytes, str, asyncio.Future[int] | None]] = []
+        self._outbox: list[_Queued] = []
         self._outbox_ready = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._up = asyncio.Event()
+        #: a reconnection is in progress: publishes wait for its outcome in the outbox
+        #: (published locally now, they would miss the reconciliation under way)
+        self._reconnecting = False
         self._wake_id = b"0-0"
         self.published = 0
         self.read = 0
+        self.fenced = 0  # writes refused by a lease's fence
 
     # -- life --------------------------------------------------------------------------
 
@@ -290,26 +350,21 @@ class RedisBus:
     def ready(self) -> bool:
         return self.state is not None and self.state.up
 
-    async def start(self) -> None:
-        from redis.asyncio import Redis
-        from redis.backoff import NoBackoff
-        from redis.retry import Retry
+    @property
+    def redis(self) -> Redis:
+        """The client of this node's requests (not the blocking reader's)."""
+        return self._need_redis()
 
+    async def start(self) -> None:
         hub = self._need_hub()
         self.state = BusState(hub, hub.config.history_size)
-        common: dict[str, Any] = {
-            "socket_connect_timeout": 2.0,
-            # The breaker paces retries; redis-py's own would hide an outage for seconds.
-            "retry": Retry(NoBackoff(), 0),
-        }
-        self._redis = Redis.from_url(self._url, socket_timeout=5.0, **common)
+        self._redis = connect(self._url, socket_timeout=5.0)
         # The blocking reader's own connection; its wait is bounded by BLOCK_MS, and a read
         # that outlives it by much means a dead link (see _read).
-        self._reader_redis = Redis.from_url(
-            self._url, socket_timeout=None, single_connection_client=True, **common
-        )
+        self._reader_redis = connect(self._url, socket_timeout=None, single=True)
         for name, text in (
             ("publish", PUBLISH),
+            ("fenced", FENCED_PUBLISH),
             ("attach", ATTACH),
             ("reconcile", RECONCILE),
             ("touch", TOUCH),
@@ -342,7 +397,7 @@ class RedisBus:
         if state.up and self._redis is not None:
             with contextlib.suppress(*LINK_ERRORS):
                 await self._redis.delete(self._wake_key)
-        for fut in (f for *_, f in self._outbox if f is not None and not f.done()):
+        for fut in (q[3] for q in self._outbox if q[3] is not None and not q[3].done()):
             fut.set_exception(BusUnavailable("the node is stopping"))
         self._outbox.clear()
         for client in (self._redis, self._reader_redis):
@@ -365,6 +420,7 @@ class RedisBus:
             "published": self.published,  # events this node wrote to Redis
             "read": self.read,  # events read from the streams and delivered here
             "gapped": state.gapped,  # seqs this node's clients were told they missed
+            "fenced": self.fenced,  # a source's writes refused: its lease had moved on
         }
 
     # -- publish -----------------------------------------------------------------------
@@ -376,24 +432,36 @@ class RedisBus:
         self._submit(topic, data, fut)
         return await fut
 
-    def submit(self, topic: str, data: Any) -> None:
-        """``publish`` without waiting for the seq (a client's ``publish`` message); the
-        order of submissions is kept. ``TypeError`` for data that is not JSON."""
-        self._submit(topic, data, None)
+    def submit(self, topic: str, data: Any, extra: Extra = PLAIN) -> None:
+        """``publish`` without waiting for the seq (a client's ``publish`` message, a
+        source's tick, with its ``extra``); the order of submissions is kept. ``TypeError``
+        for data that is not JSON."""
+        self._submit(topic, data, None, extra)
 
-    def _submit(self, topic: str, data: Any, fut: asyncio.Future[int] | None) -> None:
+    def _submit(
+        self, topic: str, data: Any, fut: asyncio.Future[int] | None, extra: Extra = PLAIN
+    ) -> None:
         body = dumps(data)  # TypeError here, before anything is queued
-        if not self._need_state().up and not self._outbox:
-            seq = self._local(topic, data)
+        if not self._need_state().up and not self._outbox and not self._reconnecting:
+            seq = self._local(topic, data, extra)
             if fut is not None:
                 fut.set_result(seq)
             return
         ts = self._need_hub().stamp(self._host.now())
-        self._outbox.append((topic, body, ts, fut))
+        self._outbox.append((topic, body, ts, fut, extra))
         self._outbox_ready.set()
 
-    def _local(self, topic: str, data: Any) -> int:
-        seq = self._need_state().publish_local(topic, data, self._host.now())
+    def _local(self, topic: str, data: Any, extra: Extra) -> int:
+        # A leader's fenced write cannot be checked against its lease now: this node's
+        # clients get it, the bus never does (it holds its seq as a hole).
+        seq = self._need_state().publish_local(
+            topic,
+            data,
+            self._host.now(),
+            stale=extra.stale,
+            age=extra.age,
+            keep=extra.lease is None,
+        )
         self._host.dispatch()
         return seq
 
@@ -404,26 +472,29 @@ class RedisBus:
             self._outbox_ready.clear()
             while self._outbox:
                 if not self._need_state().up:
-                    await self._spill()
+                    if not self._reconnecting:
+                        await self._spill()
                     break
                 batch, self._outbox = self._outbox[:BATCH], self._outbox[BATCH:]
                 await self._send(batch)
 
-    async def _send(self, batch: list[tuple[str, bytes, str, asyncio.Future[int] | None]]) -> None:
+    async def _send(self, batch: list[_Queued]) -> None:
         redis = self._need_redis()
-        script = self._scripts["publish"]
+        plain, fenced = self._scripts["publish"], self._scripts["fenced"]
         cap = self._need_state().cap
         # The epoch a topic gets if this batch creates it: fresh per batch, so that a topic
         # Redis lost and a node re-creates never reuses an epoch its clients hold.
         epoch = secrets.token_hex(4)
         try:
             async with redis.pipeline(transaction=False) as pipe:
-                for topic, body, ts, _ in batch:
-                    await script(
-                        keys=[meta_key(topic), stream_key(topic)],
-                        args=[cap, epoch, body, ts, self._max_age_ms],
-                        client=pipe,
-                    )
+                for topic, body, ts, _, extra in batch:
+                    keys = [meta_key(topic), stream_key(topic)]
+                    args = [cap, epoch, body, ts, self._max_age_ms, extra.tail, extra.state]
+                    if extra.lease is None:
+                        await plain(keys=keys, args=args, client=pipe)
+                    else:
+                        keys.append(extra.lease)
+                        await fenced(keys=keys, args=[*args, extra.token], client=pipe)
                 seqs = await pipe.execute()
         except LINK_ERRORS as exc:
             # The link failed mid-batch: what Redis did not confirm is published locally
@@ -433,16 +504,23 @@ class RedisBus:
             self._outbox[:0] = batch
             await self._spill()
             return
-        self.published += len(batch)
-        for (*_, fut), seq in zip(batch, seqs, strict=True):
+        state = self._need_state()
+        for (topic, _, _, fut, extra), seq in zip(batch, seqs, strict=True):
+            if int(seq) < 0:
+                self.fenced += 1
+                if extra.refused is not None:
+                    extra.refused()
+                continue
+            self.published += 1
+            state.acked(topic, int(seq))
             if fut is not None and not fut.done():
                 fut.set_result(int(seq))
 
     async def _spill(self) -> None:
         """The link is down: everything queued for it is published locally instead."""
         queued, self._outbox = self._outbox, []
-        for topic, body, _, fut in queued:
-            seq = self._local(topic, orjson.loads(body))
+        for topic, body, _, fut, extra in queued:
+            seq = self._local(topic, orjson.loads(body), extra)
             if fut is not None and not fut.done():
                 fut.set_result(seq)
 
@@ -578,12 +656,17 @@ class RedisBus:
         if not isinstance(got, Permit):
             await asyncio.sleep(min(max(got.retry_after, RETRY_PAUSE), 1.0))
             return
+        self._reconnecting = True
         try:
             await self._reconnect()
         except asyncio.CancelledError:
+            self._reconnecting = False
             self.breaker.on_cancelled(got, self._host.now())
             raise
         except Exception as exc:
+            self._reconnecting = False
+            if self._outbox:
+                self._outbox_ready.set()  # still down: what waited is delivered locally
             self.breaker.on_failure(got, self._host.now(), exc)
             self._transitions()
             log.debug("bus: reconnect failed (%s)", type(exc).__name__)
@@ -597,23 +680,7 @@ class RedisBus:
         state = self._need_state()
         await redis.ping()
         plans = state.plans()
-        if plans:
-            script = self._scripts["reconcile"]
-            async with redis.pipeline(transaction=False) as pipe:
-                for plan in plans:
-                    args: list[Any] = [state.cap, plan.epoch, plan.base, plan.skipped]
-                    args += [len(plan.events), self._max_age_ms]
-                    for body, ts in plan.events:
-                        args += [body, ts]
-                    await script(
-                        keys=[meta_key(plan.topic), stream_key(plan.topic)],
-                        args=args,
-                        client=pipe,
-                    )
-                replies = await pipe.execute()
-            now = self._host.now()
-            for plan, reply in zip(plans, replies, strict=True):
-                self._reconciled(plan, reply, now)
+        await self._reconcile(plans)
         # Re-subscribe: every bus topic with a subscriber here is read from its cursor.
         hub = self._need_hub()
         again = [
@@ -624,6 +691,7 @@ class RedisBus:
         if again:
             await self._attach(again)
         state.restored()
+        self._reconnecting = False
         self._up.set()
         attached = sum(1 for link in state.links.values() if link.attached)
         log.info(
@@ -632,6 +700,28 @@ class RedisBus:
         self._host.dispatch()
         if self._outbox:
             self._outbox_ready.set()
+
+    async def _reconcile(self, plans: list[Plan]) -> None:
+        if not plans:
+            return
+        redis = self._need_redis()
+        state = self._need_state()
+        script = self._scripts["reconcile"]
+        async with redis.pipeline(transaction=False) as pipe:
+            for plan in plans:
+                args: list[Any] = [state.cap, plan.epoch, plan.base, plan.skipped]
+                args += [len(plan.events), self._max_age_ms]
+                for body, ts in plan.events:
+                    args += [body, ts]
+                await script(
+                    keys=[meta_key(plan.topic), stream_key(plan.topic)],
+                    args=args,
+                    client=pipe,
+                )
+            replies = await pipe.execute()
+        now = self._host.now()
+        for plan, reply in zip(plans, replies, strict=True):
+            self._reconciled(plan, reply, now)
 
     def _reconciled(self, plan: Plan, reply: list[Any], now: float) -> None:
         status, epoch, start, end = reply
@@ -667,12 +757,66 @@ class RedisBus:
         return self._redis
 
 
-def _entries(raw: Any) -> list[tuple[int, bytes, str]]:
-    """Stream entries ``(b"<seq>-0", {b"d": body, b"t": ts})`` as (seq, body, ts)."""
+def connect(url: str, *, socket_timeout: float | None, single: bool = False) -> Redis:
+    """A client of the Redis a bus URL names: a server (``redis://``, ``rediss://``,
+    ``unix://``) or, with ``redis+sentinel://``, the primary the sentinels name now.
+
+    With Sentinel, redis-py's `SentinelConnectionPool` asks the sentinels for the primary
+    before each new connection, and drops its connections when the primary moved: after a
+    failover the link's next attempt (the breaker paces them) reaches the promoted replica,
+    and a write that still reached a demoted one fails (READONLY) like a lost link. The
+    sentinels are asked without the primary's credentials. ``single``: one dedicated
+    connection (the blocking reader's; with Sentinel, a pool of its own that it alone uses).
+    """
+    from redis.asyncio import Redis
+    from redis.asyncio.retry import Retry
+    from redis.backoff import NoBackoff
+
+    common: dict[str, Any] = {
+        "socket_connect_timeout": 2.0,
+        "socket_timeout": socket_timeout,
+        # The breaker paces retries; redis-py's own would hide an outage for seconds.
+        "retry": Retry(NoBackoff(), 0),
+    }
+    address = sentinel_address(url)
+    if address is None:
+        return Redis.from_url(url, single_connection_client=single, **common)
+    from redis.asyncio.sentinel import Sentinel
+
+    sentinel = Sentinel(
+        address.sentinels,
+        sentinel_kwargs={
+            "socket_connect_timeout": 1.0,
+            "socket_timeout": 1.0,
+            "retry": Retry(NoBackoff(), 0),
+        },
+    )
+    return cast(
+        "Redis",
+        sentinel.master_for(
+            address.service,
+            db=address.db,
+            username=address.username,
+            password=address.password,
+            **common,
+        ),
+    )
+
+
+def _entries(raw: Any) -> list[tuple[int, bytes, str, bytes]]:
+    """Stream entries ``(b"<seq>-0", {b"d": body, b"t": ts[, b"s": tail]})`` as (seq,
+    body, ts, tail): the frame's tail is a fresh event's unless the entry has its own."""
     out = []
     for entry_id, fields in raw:
-        if isinstance(fields, list):  # from a script: a flat [field, value, ...] list
-            fields = dict(zip(fields[::2], fields[1::2], strict=True))
+        fields = entry_fields(fields)
         seq = int(entry_id.split(b"-", 1)[0])
-        out.append((seq, bytes(fields[b"d"]), fields[b"t"].decode()))
+        tail = bytes(fields.get(b"s") or EVENT_TAIL)
+        out.append((seq, bytes(fields[b"d"]), fields[b"t"].decode(), tail))
     return out
+
+
+def entry_fields(fields: Any) -> dict[bytes, bytes]:
+    """A stream entry's fields as a dict (a script returns a flat [field, value, ...])."""
+    if isinstance(fields, list):
+        return dict(zip(fields[::2], fields[1::2], strict=True))
+    return cast(dict[bytes, bytes], fields)

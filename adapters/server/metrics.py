@@ -17,7 +17,8 @@ Names (docs/operations.md): ``wirestate_connections{state}``,
 ``wirestate_messages_dropped_total{reason}``, ``wirestate_breaker_state{breaker,state}`` (1 for the
 current state, 0 for the others),
 ``wirestate_breaker_transitions_total{breaker,from_state,to_state}``,
-``wirestate_publish_to_write_seconds`` (histogram); plus ``wirestate_event_loop_lag_seconds``
+``wirestate_publish_to_write_seconds`` (histogram), ``wirestate_source_leader{source}`` (1 on
+the node that polls a shared source, 0 on the others); plus ``wirestate_event_loop_lag_seconds``
 (histogram), ``wirestate_keepalive_stall_extensions_total`` and the rest of `HubStats`.
 """
 
@@ -95,6 +96,8 @@ class Metrics:
         # collector, so they carry no ``_created`` series and need no label bookkeeping.
         self._breaker_states: dict[str, tuple[str, tuple[str, ...]]] = {}
         self._transitions: Counter[tuple[str, str, str]] = Counter()
+        #: shared sources (on a Redis bus), 1 for those this node polls now
+        self._leaders: dict[str, int] = {}
         #: upgrades the server refused before the handshake, by reason (limits, shutdown)
         self.rejections: Counter[str] = Counter()
         self.registry.register(_Collector(self._families))
@@ -135,6 +138,11 @@ class Metrics:
         """Set ``breaker``'s current state; ``all_states`` are exported at 0 beside it."""
         names = tuple(dict.fromkeys((*all_states, state)))
         self._breaker_states[breaker] = (state, names)
+
+    def source_leader(self, source: str, leading: bool) -> None:
+        """Whether this node polls the shared ``source`` now (call once at start with False:
+        the gauge then shows the source from the first scrape)."""
+        self._leaders[source] = int(leading)
 
     # -- exposition -----------------------------------------------------------------------
 
@@ -259,6 +267,15 @@ class Metrics:
         for key, count in sorted(self._transitions.items()):
             transitions.add_metric(list(key), count)
         yield transitions
+
+        leaders = GaugeMetricFamily(
+            "wirestate_source_leader",
+            "1 for each shared source this node polls (it holds the lease), else 0.",
+            labels=["source"],
+        )
+        for source, leading in sorted(self._leaders.items()):
+            leaders.add_metric([source], leading)
+        yield leaders
 
 
 class _Collector:

@@ -35,9 +35,10 @@ from typing import Any, Final
 
 from wirestate.adapters.server.admission import Admission, loopback
 from wirestate.adapters.server.auth import Authenticator
-from wirestate.adapters.server.bus import MemoryBus, RedisBus
+from wirestate.adapters.server.bus import Extra, MemoryBus, RedisBus
 from wirestate.adapters.server.dashboard import snapshot as dashboard_snapshot
 from wirestate.adapters.server.endpoints import Endpoints
+from wirestate.adapters.server.leases import SharedSource
 from wirestate.adapters.server.logs import install_redaction
 from wirestate.adapters.server.metrics import Levels, Metrics
 from wirestate.adapters.server.routes import HttpApp
@@ -126,6 +127,8 @@ class WirestateServer:
             tuple[str, Callable[[], Awaitable[Any]], float, float, BreakerConfig | None]
         ] = []
         self._pollers: list[SourcePoller] = []
+        #: on a Redis bus, the sources polled by one node at a time (by topic)
+        self.shared: dict[str, SharedSource] = {}
         self._ticker_task: asyncio.Task[None] | None = None
         self._source_tasks: list[asyncio.Task[None]] = []
         self._listener: Any = None
@@ -260,7 +263,7 @@ class WirestateServer:
             self.bus = RedisBus(
                 self,
                 bus.url,
-                local_topics=self.hub.config.reserved_topics,
+                local_topics=self._node_topics(),
                 breaker=breaker_config(bus.breaker, call_timeout=None),
                 on_transition=self._bus_transition,
                 node=self.epoch,
@@ -285,6 +288,8 @@ class WirestateServer:
         hub = self.hub
         for task in self._source_tasks:
             task.cancel()
+        # Shared sources hand their leases back: another node takes them over at once.
+        await asyncio.gather(*(shared.stop() for shared in self.shared.values()))
         hub.shutdown(self.now())
         self.dispatch()
         grace = self.settings.server.close_timeout + ABORT_GRACE
@@ -307,53 +312,108 @@ class WirestateServer:
         self._closed.set()
         log.info("stopped", extra={"clients_left": len(hub.clients)})
 
-    async def _start_sources(self, wall_offset: float) -> None:
-        loop = asyncio.get_running_loop()
+    def _specs(self) -> list[SourceSettings]:
         specs: list[SourceSettings] = list(self.settings.sources)
         if not any(src.topic == "system_status" for src in specs):
             # The built-in source: host CPU, memory, load and uptime.
             specs.append(SourceSettings(kind="system", topic="system_status", interval=5.0))
+        return specs
+
+    def _node_topics(self) -> frozenset[str]:
+        """The topics a Redis bus does not carry: each node's own host status (and any
+        other ``kind = "system"`` source) and connections. Everything else, the sources'
+        topics and ``circuit_breaker`` included, has one numbering across the cluster."""
+        hosts = {src.topic for src in self._specs() if src.kind == "system"}
+        return frozenset({"clients", *hosts})
+
+    def _share(self, topic: str, wall_offset: float) -> SharedSource | None:
+        """On a Redis bus, the lease that decides where ``topic``'s source is polled."""
+        if not isinstance(self.bus, RedisBus) or not self.bus.carries(topic):
+            return None
+        shared = SharedSource(
+            topic,
+            self.bus,
+            self.settings.bus.lease_ttl,
+            clock=self.now,
+            wall_offset=wall_offset,
+            on_leader=self._leader_changed,
+        )
+        self.shared[topic] = shared
+        self.metrics.source_leader(topic, False)
+        return shared
+
+    async def _start_sources(self, wall_offset: float) -> None:
+        loop = asyncio.get_running_loop()
+        specs = self._specs()
         if any(src.kind == "http" for src in specs):
             import httpx
 
             self._http_client = httpx.AsyncClient()
         publisher = _Publisher(self)
         for src in specs:
-            self._pollers.append(
-                poller_from_settings(
-                    src,
-                    publisher,
-                    loop.time,
-                    wall_offset,
-                    self._http_client,
-                    on_transition=self._breaker_transition,
-                )
+            shared = self._share(src.topic, wall_offset)
+            poller = poller_from_settings(
+                src,
+                publisher if shared is None else shared.publisher,
+                loop.time,
+                wall_offset,
+                self._http_client,
+                on_transition=self._breaker_transition,
             )
+            self._pollers.append(poller)
+            if shared is not None:
+                shared.poller = poller
         for topic, fetch, interval, timeout, config in self._sources:
-            self._pollers.append(
-                SourcePoller(
-                    topic,
-                    fetch,
-                    publisher=publisher,
-                    interval=interval,
-                    timeout=timeout,
-                    clock=loop.time,
-                    wall_offset=wall_offset,
-                    config=config,
-                    on_transition=self._breaker_transition,
-                )
+            shared = self._share(topic, wall_offset)
+            poller = SourcePoller(
+                topic,
+                fetch,
+                publisher=publisher if shared is None else shared.publisher,
+                interval=interval,
+                timeout=timeout,
+                clock=loop.time,
+                wall_offset=wall_offset,
+                config=config,
+                on_transition=self._breaker_transition,
             )
+            self._pollers.append(poller)
+            if shared is not None:
+                shared.poller = poller
         for poller in self._pollers:
             self._breaker_exists(poller.breaker)
+            if poller.topic in self.shared:
+                self.shared[poller.topic].start()  # polls while this node holds the lease
+                continue
             name = f"wirestate-source-{poller.topic}"
             self._source_tasks.append(loop.create_task(poller.run(), name=name))
+
+    def _leader_changed(self, topic: str, leading: bool) -> None:
+        self.metrics.source_leader(topic, leading)
+        poller = self.shared[topic].poller
+        if leading and poller is not None:
+            # The breaker taken over, as the cluster last published it.
+            self.metrics.breaker_state(
+                topic, poller.breaker.state.value, [s.value for s in BreakerState]
+            )
+
+    def publish_any(
+        self, topic: str, data: Any, *, stale: bool = False, age: float | None = None
+    ) -> int:
+        """Publish from code on the server's loop without waiting: on this node for a
+        node-local topic (returns the seq), through the bus otherwise (returns 0: the bus
+        numbers it later)."""
+        if self.bus.carries(topic):
+            assert isinstance(self.bus, RedisBus)
+            self.bus.submit(topic, data, Extra(stale=stale, age=age))
+            return 0
+        return self.publish_now(topic, data, stale=stale, age=age)
 
     def _bus_transition(self, change: StateChanged) -> None:
         """The bus link's breaker: metrics, and an event on ``circuit_breaker`` like any
         source's breaker."""
         self._breaker_transition(change)
         if self.hub is not None:
-            self.publish_now(BREAKER_TOPIC, breaker_event(change, self.hub.wall_offset))
+            self.publish_any(BREAKER_TOPIC, breaker_event(change, self.hub.wall_offset))
 
     def _breaker_exists(self, breaker: Breaker) -> None:
         """A breaker's gauge has samples from its creation: its state 1, the others 0."""
@@ -562,7 +622,9 @@ class WirestateServer:
 
 
 class _Publisher:
-    """What sources publish through: the server's synchronous publish on its own loop."""
+    """What node-local sources publish through: the server's publish on its own loop, which
+    never waits (their breakers' transitions go on ``circuit_breaker``, which a Redis bus
+    carries)."""
 
     def __init__(self, server: WirestateServer) -> None:
-        self.publish = server.publish_now
+        self.publish = server.publish_any

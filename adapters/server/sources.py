@@ -261,6 +261,15 @@ class SourcePoller:
     def breaker(self) -> Breaker:
         return self._source.breaker
 
+    def adopt(self, source: CachedSource[Any]) -> None:
+        """Poll from now on with ``source``: the breaker and cache another node left behind
+        (a shared source taken over). ``RuntimeError`` while running; ``ValueError`` for a
+        breaker whose rate rules could never fire at this interval."""
+        if self._running:
+            raise RuntimeError(f"poller {self.topic!r} is running: stop it before adopting")
+        source.breaker.config.check_cadence(self.interval)
+        self._source = source
+
     # ----------------------------------------------------------------- driving
 
     async def run(self) -> None:

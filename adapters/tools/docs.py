@@ -431,6 +431,7 @@ def _label_values() -> dict[tuple[str, str], list[str]]:
         ("wirestate_breaker_transitions", "breaker"): ["a source's topic", "bus"],
         ("wirestate_breaker_transitions", "from_state"): states,
         ("wirestate_breaker_transitions", "to_state"): states,
+        ("wirestate_source_leader", "source"): ["a shared source's topic, on a Redis bus"],
     }
 
 

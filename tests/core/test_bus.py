@@ -8,6 +8,7 @@ import orjson
 
 from wirestate.core.bus import BusState, Plan, Reconciled
 from wirestate.core.causes import CloseCause, OverflowPolicy
+from wirestate.core.frames import EVENT_TAIL, event_tail
 from wirestate.core.hub import Connection, Hub, HubConfig
 
 T = "orders"
@@ -27,8 +28,9 @@ def client(hub: Hub, name: str = "c1", *topics: str) -> Connection:
     return conn
 
 
-def ev(seq: int, value: Any = None) -> tuple[int, bytes, str]:
-    return seq, orjson.dumps({"n": seq if value is None else value}), "2026-11-25T00:00:00.000Z"
+def ev(seq: int, value: Any = None) -> tuple[int, bytes, str, bytes]:
+    body = orjson.dumps({"n": seq if value is None else value})
+    return seq, body, "2026-11-25T00:00:00.000Z", EVENT_TAIL
 
 
 def seqs(msgs: list[dict[str, Any]]) -> list[Any]:
@@ -39,6 +41,24 @@ def seqs(msgs: list[dict[str, Any]]) -> list[Any]:
 
 
 # -- Hub.deliver / rebase / attach ------------------------------------------------------------
+
+
+def test_a_stale_event_from_the_bus_keeps_its_flag_and_age() -> None:
+    hub = Hub(epoch="node")
+    conn = client(hub, "c1", T)
+    ts = "2026-11-25T00:00:00.000Z"
+    assert hub.deliver(T, 1, b'{"a":1}', ts, 1.0, event_tail(True, 4.5))
+    hub.attach(T, "node", 2, [(2, b'{"s":"u"}', ts, event_tail(True, 0.5))], 1.0)
+    got = frames(hub, conn)
+    assert [(m["stale"], m.get("age")) for m in got] == [(True, 4.5), (True, 0.5)]
+
+
+def test_a_stale_event_published_during_an_outage_keeps_its_flag_here() -> None:
+    hub = Hub(epoch="node")
+    conn = client(hub, "c1", T)
+    BusState(hub, 10).publish_local(T, {"v": 1}, 1.0, stale=True, age=2.0)
+    [msg] = frames(hub, conn)
+    assert (msg["stale"], msg["age"]) == (True, 2.0)
 
 
 def test_deliver_takes_the_bus_seq_and_ignores_duplicates() -> None:
@@ -75,7 +95,7 @@ def test_a_jump_in_the_bus_seq_owes_a_bus_outage_gap_before_the_event() -> None:
     hub = Hub(epoch="node")
     conn = client(hub, "c1", T)
     for seq in (1, 2, 6):
-        _, body, ts = ev(seq)
+        _, body, ts, _ = ev(seq)
         hub.deliver(T, seq, body, ts, 1.0)
     assert seqs(frames(hub, conn)) == [1, 2, (3, 5, "bus_outage"), 6]
     # The history no longer bridges the hole: a resume from 2 is told so.
@@ -290,3 +310,52 @@ def test_a_dropped_topic_takes_its_bus_state_along_unless_it_owes_the_bus() -> N
     state.forget(dropped)
     assert T not in state.links
     assert "owing" in state.links  # its events still go to the bus on recovery
+
+
+def test_acknowledged_publishes_never_read_back_are_a_gap_not_reused_seqs() -> None:
+    """The bus numbered this node's publishes 5..7, the link failed before the node read
+    them back, and a failover may have lost them: the local count goes on at 8, after a
+    bus_outage gap for 5..7, and the bus is asked to go on from 7 as well."""
+    hub, bus = state()
+    bus.attach(T, "bus", 4, [], 0.0)
+    conn = client(hub, "c1", T)
+    for seq in (5, 7, 6):
+        bus.acked(T, seq)
+    bus.lost()
+    assert bus.publish_local(T, "local", 1.0) == 8
+    assert seqs(frames(hub, conn)) == [(5, 7, "bus_outage"), 8]
+    assert bus.gapped == 3
+    assert bus.publish_local(T, "again", 1.0) == 9  # one gap only
+    (plan,) = bus.plans()
+    assert plan.base == 7
+    bus.reconciled(plan, Reconciled.SAME, "bus", 7, 9, 2.0)
+    assert bus.links[T].cursor == 9
+
+
+def test_with_nothing_to_send_reading_goes_on_from_the_cursor() -> None:
+    """Reconciled with nothing of its own to send, a node reads on from where it was: what
+    the bus still holds arrives, and a hole the bus lost is a gap."""
+    hub, bus = state()
+    bus.attach(T, "bus", 4, [], 0.0)
+    conn = client(hub, "c1", T)
+    bus.acked(T, 6)  # published here, not read back yet
+    bus.lost()
+    (plan,) = bus.plans()
+    assert plan.base == 6
+    bus.reconciled(plan, Reconciled.SAME, "bus", 6, 6, 1.0)
+    assert bus.links[T].cursor == 4
+    assert bus.entries(T, [ev(5), ev(6)], 2.0) == 2
+    assert seqs(frames(hub, conn)) == [5, 6]
+
+
+def test_a_write_the_bus_must_not_get_keeps_its_seq_as_a_hole() -> None:
+    hub, bus = state()
+    bus.attach(T, "bus", 4, [], 0.0)
+    conn = client(hub, "c1", T)
+    bus.lost()
+    assert bus.publish_local(T, "kept", 1.0) == 5
+    assert bus.publish_local(T, "fenced", 1.0, stale=True, age=3.0, keep=False) == 6
+    assert bus.publish_local(T, "kept too", 1.0) == 7
+    assert [m["data"] for m in frames(hub, conn)] == ["kept", "fenced", "kept too"]
+    (plan,) = bus.plans()
+    assert [body for body, _ in plan.events] == [b'"kept"', b"", b'"kept too"']

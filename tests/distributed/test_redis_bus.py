@@ -10,21 +10,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import secrets
-import shutil
 import signal
-import subprocess
-import sys
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-import httpx
 import orjson
 import pytest
-from websockets.asyncio.client import ClientConnection, connect
+from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
 
 from wirestate.adapters.server import bus as bus_module
@@ -32,122 +27,7 @@ from wirestate.adapters.server.service import WirestateServer
 from wirestate.models.settings import Settings
 from wirestate.testing.net import free_port, recv, until, until_true
 
-WAIT = 20.0  # the bound on every wait: a failure, never a hang
-REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
-
-
-def _reachable(url: str) -> bool:
-    import redis
-
-    try:
-        return bool(redis.Redis.from_url(url, socket_connect_timeout=1).ping())
-    except redis.RedisError:
-        return False
-
-
-@pytest.fixture(scope="module")
-def redis_url() -> str:
-    if not _reachable(REDIS_URL):
-        if os.environ.get("CI"):
-            pytest.fail(f"Redis is not reachable at {REDIS_URL}; CI must provide it")
-        pytest.skip(f"Redis is not reachable at {REDIS_URL}; set REDIS_URL")
-    return REDIS_URL
-
-
-class Node:
-    def __init__(self, proc: subprocess.Popen[bytes] | None, port: int) -> None:
-        self.proc = proc
-        self.port = port
-        self.url = f"ws://127.0.0.1:{port}/ws"
-        self.http = f"http://127.0.0.1:{port}"
-
-
-@contextmanager
-def nodes(tmp_path: Path, url: str, count: int, **bus: Any) -> Iterator[list[Node]]:
-    """``count`` `wirestate serve` processes on the Redis bus at ``url``."""
-    breaker = bus.get("breaker", {"failure_threshold": 1, "reset_timeout": 0.2})
-    config = tmp_path / "bus.toml"
-    config.write_text(
-        f'[history]\nsize = 1000\n\n[bus]\nkind = "redis"\nurl = "{url}"\n\n[bus.breaker]\n'
-        f"failure_threshold = {breaker['failure_threshold']}\n"
-        f"reset_timeout = {breaker['reset_timeout']}\n"
-    )
-    exe = Path(sys.executable).with_name("wirestate")
-    started: list[Node] = []
-    try:
-        for _ in range(count):
-            port = free_port()
-            proc = subprocess.Popen(
-                [str(exe), "serve", "--config", str(config), "--port", str(port)],
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-            )
-            started.append(Node(proc, port))
-        yield started
-    finally:
-        for node in started:
-            assert node.proc is not None
-            if node.proc.poll() is None:
-                node.proc.terminate()
-        for node in started:
-            assert node.proc is not None
-            try:
-                node.proc.wait(WAIT)
-            except subprocess.TimeoutExpired:
-                node.proc.kill()
-                node.proc.wait()
-
-
-async def ready(node: Node, want: bool = True) -> dict[str, Any]:
-    """Wait until /readyz says ``want``; returns its body."""
-    async with httpx.AsyncClient() as http, asyncio.timeout(WAIT):
-        while True:
-            try:
-                r = await http.get(f"{node.http}/readyz")
-                if (r.status_code == 200) is want:
-                    body: dict[str, Any] = r.json()
-                    return body
-            except httpx.TransportError:
-                pass  # not listening yet
-            await asyncio.sleep(0.02)  # another process's state: /readyz is all there is
-
-
-@asynccontextmanager
-async def subscriber(
-    node: Node, *topics: str, since: dict[str, Any] | None = None
-) -> AsyncIterator[tuple[ClientConnection, dict[str, Any]]]:
-    async with connect(node.url, ping_interval=None) as ws:
-        assert (await recv(ws, WAIT))["type"] == "welcome"
-        msg: dict[str, Any] = {"type": "subscribe", "topics": list(topics)}
-        if since:
-            msg["since"] = since
-        await ws.send(orjson.dumps(msg).decode())
-        subscribed = await recv(ws, WAIT)
-        assert subscribed["type"] == "subscribed"
-        yield ws, subscribed
-
-
-async def publish(node: Node, topic: str, data: Any) -> int:
-    async with httpx.AsyncClient() as http:
-        r = await http.post(f"{node.http}/publish", json={"topic": topic, "data": data})
-    assert r.status_code == 200, r.text
-    seq: int = r.json()["seq"]
-    return seq
-
-
-async def events(ws: ClientConnection, n: int) -> list[dict[str, Any]]:
-    """The next ``n`` event or gap messages."""
-    out: list[dict[str, Any]] = []
-    while len(out) < n:
-        msg = await recv(ws, WAIT)
-        if msg["type"] in ("event", "gap"):
-            out.append(msg)
-    return out
-
-
-def topic() -> str:
-    return f"test.bus.{secrets.token_hex(4)}"
-
+from .conftest import WAIT, Node, events, nodes, own_redis, publish, ready, subscriber, topic
 
 # -- publish on one, receive on all --------------------------------------------------------
 
@@ -257,25 +137,6 @@ async def read_until_closed(ws: ClientConnection, got: list[int]) -> None:
 
 
 # -- Redis goes away and comes back --------------------------------------------------------
-
-
-@contextmanager
-def own_redis(port: int) -> Iterator[subprocess.Popen[bytes]]:
-    exe = shutil.which("redis-server")
-    if exe is None:
-        if os.environ.get("CI"):
-            pytest.fail("redis-server is not installed; CI must provide it")
-        pytest.skip("redis-server is not installed")
-    proc = subprocess.Popen(
-        [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-        stdout=subprocess.DEVNULL,
-    )
-    try:
-        yield proc
-    finally:
-        if proc.poll() is None:
-            proc.terminate()
-        proc.wait()
 
 
 async def test_a_redis_outage_is_visible_survivable_and_heals_without_duplicates(
@@ -395,6 +256,9 @@ async def test_a_node_started_without_redis_serves_locally_then_joins(
             assert [m["data"] for m in await events(ws, 1)] == ["local"]
             with own_redis(port):
                 body = await ready(node)
+                # The link's breaker closing goes on circuit_breaker, through the bus: sent
+                # by now, or about to be.
+                assert body["bus"].pop("published") in (0, 1)
                 assert body["bus"] == {
                     "kind": "redis",
                     "up": True,
@@ -402,13 +266,49 @@ async def test_a_node_started_without_redis_serves_locally_then_joins(
                     "outages": 0,
                     "attached": 1,
                     "pending": 0,
-                    "published": 0,
                     "read": 0,
                     "gapped": 0,
+                    "fenced": 0,
                 }
                 # The local event entered the bus under the seq the client saw.
                 assert await server.publish(t, "bus") == 2
                 assert [(m["seq"], m["data"]) for m in await events(ws, 1)] == [(2, "bus")]
+
+
+async def test_a_publish_made_while_the_node_reconciles_reaches_the_bus(
+    monkeypatch: pytest.MonkeyPatch, redis_url: str
+) -> None:
+    """Published while the node reconciles: it waits for the outcome and goes to the bus
+    (published locally then, it would miss the reconciliation, and the bus would give its
+    seq to the next event)."""
+    from redis.asyncio import Redis
+
+    monkeypatch.setattr(bus_module, "START_WAIT", 0.1)
+    port = free_port()
+    t = topic()
+    original = bus_module.RedisBus._reconcile
+
+    async def reconcile(bus: bus_module.RedisBus, plans: list[Any]) -> None:
+        await original(bus, plans)
+        bus.submit(t, "during")  # a client's publish, in the middle of the reconnection
+
+    async with WirestateServer(_bus_settings(f"redis://127.0.0.1:{port}/0")) as server:
+        node = Node(None, server.port)
+        assert (await ready(node, want=False))["status"] == "bus_down"
+        async with subscriber(node, t) as (ws, _):
+            assert await server.publish(t, "before") == 1
+            monkeypatch.setattr(bus_module.RedisBus, "_reconcile", reconcile)
+            with own_redis(port):
+                await ready(node)
+                assert await server.publish(t, "after") == 3
+                client = Redis(host="127.0.0.1", port=port)
+                try:
+                    stream = await client.xrange(bus_module.stream_key(t))
+                finally:
+                    await client.aclose()
+            assert [orjson.loads(f[b"d"]) for _, f in stream] == ["before", "during", "after"]
+            got = [(m["seq"], m["data"]) for m in await events(ws, 3)]
+            assert got == [(1, "before"), (2, "during"), (3, "after")]
 
 
 async def test_publish_now_is_for_node_local_topics_only(redis_url: str) -> None:
@@ -418,6 +318,25 @@ async def test_publish_now_is_for_node_local_topics_only(redis_url: str) -> None
         assert server.publish_now("system_status", {"ok": True}) >= 1
         assert not server.bus.carries("clients")
         assert server.bus.carries(topic())
+
+
+async def test_node_local_code_publishes_shared_topics_through_the_bus(redis_url: str) -> None:
+    """What a node-local source publishes on a shared topic (its breaker's transitions on
+    circuit_breaker) goes through the bus; its own topic stays here."""
+    # Shaped like a transition: the shared Redis's circuit_breaker topic is other tests' too.
+    change = {
+        "breaker": f"test.{secrets.token_hex(4)}",
+        "from": "closed",
+        "to": "open",
+        "failures": 1,
+        "retry_at": None,
+    }
+    async with WirestateServer(_bus_settings(redis_url)) as server:
+        async with subscriber(Node(None, server.port), "circuit_breaker") as (ws, _):
+            assert server.publish_any("circuit_breaker", change) == 0  # the bus numbers it
+            while (await events(ws, 1))[0].get("data") != change:
+                pass
+        assert server.publish_any("system_status", {"ok": True}) >= 1
 
 
 async def test_the_bus_breaker_takes_every_key_of_its_table(redis_url: str) -> None:
@@ -481,7 +400,7 @@ async def test_an_asgi_node_and_a_websockets_node_share_the_bus(redis_url: str) 
         await asyncio.wait_for(task, WAIT)
 
 
-async def test_a_source_added_in_code_stays_node_local_on_a_bus(redis_url: str) -> None:
+async def test_a_source_added_in_code_is_shared_on_a_bus(redis_url: str) -> None:
     import redis
 
     server = WirestateServer(_bus_settings(redis_url))
@@ -494,20 +413,26 @@ async def test_a_source_added_in_code_stays_node_local_on_a_bus(redis_url: str) 
     t = topic()
     server.add_source(t, inventory, interval=0.01, timeout=1.0)
     async with server:
-        assert not server.bus.carries(t)  # numbered here, like every source's topic
+        assert server.bus.carries(t)  # numbered by the bus, polled by its lease holder
+        assert server.bus.carries("circuit_breaker")
+        assert not server.bus.carries("system_status")
         node = Node(None, server.port)
         async with subscriber(node, t) as (ws, _):
             (msg,) = await events(ws, 1)
             assert msg["data"] == {"widgets": 42}
             await ws.send(orjson.dumps({"type": "publish", "topic": t, "data": 1}).decode())
-            while (reply := await recv(ws, WAIT))["type"] != "error":
+            while (reply := await recv(ws, WAIT))["type"] == "event":
                 pass
+            assert reply["type"] == "error"
             assert reply["code"] == "forbidden"
         assert isinstance(server.bus, bus_module.RedisBus)
         wake = server.bus._wake_key
+        lease = redis.Redis.from_url(redis_url).get(f"wirestate:{{{t}}}:lease")
+        assert lease is not None
+        assert lease.decode().split(":")[1] == server.bus.node
     assert polled.is_set()
-    # The node's wake-up stream goes with it.
-    assert not redis.Redis.from_url(redis_url).exists(wake)
+    # The node's wake-up stream goes with it, and the lease is handed back.
+    assert not redis.Redis.from_url(redis_url).exists(wake, f"wirestate:{{{t}}}:lease")
 
 
 # -- topics age in Redis too ---------------------------------------------------------------

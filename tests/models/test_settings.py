@@ -18,6 +18,7 @@ from wirestate.models.settings import (
     Settings,
     SourceSettings,
     load_settings,
+    sentinel_address,
 )
 
 SECRET = "correct-horse-battery-staple-0123456789"  # 39 bytes: long enough for HS256
@@ -494,3 +495,45 @@ def test_bus_url_scheme() -> None:
         load_settings(env={"WIRESTATE_BUS__URL": "http://cache:6379"})
     settings = load_settings(env={"WIRESTATE_BUS__URL": "rediss://:pw@cache:6380/0"})
     assert "pw" not in repr(settings)  # a Redis URL may carry a password
+
+
+def test_a_sentinel_bus_url_names_the_sentinels_the_service_and_the_database() -> None:
+    settings = load_settings(
+        env={"WIRESTATE_BUS__URL": "redis+sentinel://:pw@s1:26380,s2/primary/2"}
+    )
+    assert "pw" not in repr(settings)
+    address = sentinel_address(settings.bus.url)
+    assert address is not None
+    assert address.sentinels == (("s1", 26380), ("s2", 26379))
+    assert (address.service, address.db, address.username, address.password) == (
+        "primary",
+        2,
+        None,
+        "pw",
+    )
+    assert "pw" not in repr(address)
+    named = sentinel_address("redis+sentinel://user:p%40ss@[::1]:1/m")
+    assert named is not None
+    assert (named.sentinels, named.username, named.password) == ((("::1", 1),), "user", "p@ss")
+    assert sentinel_address("redis://cache:6379/0") is None
+
+
+@pytest.mark.parametrize(
+    ("url", "says"),
+    [
+        ("redis+sentinel://s1:26379", "service name"),
+        ("redis+sentinel://s1:x/m", "port"),
+        ("redis+sentinel://s1:1/m/zero", "number"),
+        ("redis+sentinel:///m", "host:port"),
+    ],
+)
+def test_a_malformed_sentinel_url_is_refused(url: str, says: str) -> None:
+    with pytest.raises(ConfigError, match=says):
+        load_settings(env={"WIRESTATE_BUS__URL": url})
+
+
+def test_the_lease_ttl_defaults_to_ten_seconds_and_must_be_positive() -> None:
+    assert load_settings(env={}).bus.lease_ttl == 10.0
+    assert load_settings(env={"WIRESTATE_BUS__LEASE_TTL": "1.5"}).bus.lease_ttl == 1.5
+    with pytest.raises(ConfigError, match="lease_ttl"):
+        load_settings(env={"WIRESTATE_BUS__LEASE_TTL": "0"})

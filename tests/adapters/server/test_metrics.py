@@ -241,3 +241,16 @@ async def test_a_fresh_server_exports_every_gauge_state_before_anything_happens(
             assert line in text, line
     for conn_state in ConnState:
         assert f'wirestate_connections{{state="{conn_state.value}"}} 0.0' in text, conn_state
+
+
+def test_the_source_leader_gauge_says_which_shared_sources_this_node_polls(
+    metrics: Metrics,
+) -> None:
+    assert "wirestate_source_leader" not in _samples(metrics)  # no shared source yet
+    metrics.source_leader("agents", False)
+    metrics.source_leader("orders", False)
+    assert _value(_samples(metrics), "wirestate_source_leader", source="agents") == 0
+    metrics.source_leader("agents", True)
+    samples = _samples(metrics)
+    assert _value(samples, "wirestate_source_leader", source="agents") == 1
+    assert _value(samples, "wirestate_source_leader", source="orders") == 0
