@@ -71,7 +71,7 @@ def nginx(hub: WirestateServer, tmp_path: Path) -> Iterator[int]:
     child = subprocess.Popen(
         [NGINX, "-p", str(tmp_path), "-c", str(conf), "-e", str(tmp_path / "error.log")],
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,  # its error log is a file of its own
     )
     try:
         yield port

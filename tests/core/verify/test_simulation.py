@@ -6,6 +6,7 @@ from __future__ import annotations
 import random
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -58,7 +59,7 @@ def test_the_simulation_module_imports_no_random_and_no_io() -> None:
     import wirestate.core.verify.simulation as module
 
     assert "random" not in vars(module)
-    assert "import random" not in open(module.__file__, encoding="utf-8").read()  # noqa: SIM115
+    assert "import random" not in Path(module.__file__).read_text(encoding="utf-8")
 
 
 # -- properties under faults -----------------------------------------------------------------
