@@ -185,8 +185,16 @@ def test_the_default_client_passes_the_same_scenario() -> None:
         s.publish("t")
     s.settle().check()
     (c,) = s.report().clients
-    assert c.received == {("e0", "t"): (1, 2, 3), ("e1", "t"): (5,)}  # the retained latest
-    assert c.gaps == {("e0", "t"): ((4, None, "epoch_changed"),)}
+    # The new epoch from its start, as far as the hub holds it (a history of 4).
+    assert c.received == {("e0", "t"): (1, 2, 3), ("e1", "t"): (2, 3, 4, 5)}
+    assert c.gaps == {
+        ("e0", "t"): ((4, None, "epoch_changed"),),
+        ("e1", "t"): ((1, 1, "history_evicted"),),
+    }
+    # subscribed named 0 in e1, so all of e1 is owed: a replay short of seq 2 is caught.
+    s.slots[0].received[("e1", "t")].remove(2)
+    with pytest.raises(AssertionError, match="epoch 'e1': seq 2 published"):
+        s.check()
 
 
 def test_the_default_client_enters_a_new_epoch_only_with_its_epoch_changed_gap() -> None:
