@@ -384,7 +384,9 @@ class Hub:
     ) -> None:
         """Subscribe; ``since[topic]`` is the last seq the client has (optionally with the
         epoch it was counted in). Queues ``subscribed``, then per topic either the events
-        after ``since`` (and a ``gap`` for what history lost) or the retained latest event.
+        after ``since`` (and a ``gap`` for what history lost) or the retained latest event;
+        a ``since`` of another epoch gets an ``epoch_changed`` gap, then the topic's events
+        from seq 1 as far as held (after a ``history_evicted`` gap for the rest).
 
         ``subscribed`` names, per topic, the seq the subscription continues after (``seq``):
         a client that later resumes from it, or from the last seq it received if higher,

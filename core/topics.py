@@ -9,13 +9,15 @@ Rules of this module:
   older than ``max_age`` is dropped the next time the topic is written or read for a resume.
 * A resume never sends an event twice and never leaves a hole unreported: the plan is the
   events after ``since`` still in the history, preceded by a ``history_evicted`` gap for the
-  ones no longer there, or an ``epoch_changed`` gap when the client counted in another
-  sequence space.
+  ones no longer there. A client that counted in another sequence space gets an
+  ``epoch_changed`` gap, then this one from seq 1 the same way: what is still held, with a
+  ``history_evicted`` gap for each run that is not (after a rebase the history is empty and
+  the retained event may be older than ``seq``).
 * Every plan names the seq the subscription continues after (``subscribed``'s ``seq``): each
   later event of the topic is either in the plan, or comes live, or is in a gap. A new
   subscriber starts after the topic's newest seq (its retained event is the current value,
-  not a missed one); a resume starts after its ``since`` (the replay follows), or after the
-  newest seq of the other numbering it is moved to.
+  not a missed one); a resume starts after its ``since`` (the replay follows), or after 0
+  when it is moved to another numbering (it has nothing of it: all of it follows).
 * Topics have a life cycle (`Topics`): the history and the retained event age by
   ``max_age`` without waiting for traffic on the topic (``sweep``, on the hub's timer), and a
   topic with no subscriber that holds nothing any more is dropped. At most ``max_topics``
@@ -124,7 +126,8 @@ class Topic:
     ) -> tuple[bool, int, list[bytes | Event]]:
         """(recovered, start, entries to queue) for a subscriber that has everything up to
         ``since``: the retained event for a new subscriber (``since`` None); else the events
-        after ``since`` still in the history, after a gap for what it no longer holds.
+        after ``since`` still in the history, after a gap for what it no longer holds; for a
+        ``since`` of another numbering, an ``epoch_changed`` gap and this one from seq 1.
         ``start`` is the seq the subscription continues after (see the module docstring):
         resuming later from it, or from any seq received since, loses nothing unreported."""
         self.trim(now, max_age)
@@ -133,9 +136,10 @@ class Topic:
             return True, self.seq, retained
         seq, epoch = since if isinstance(since, tuple) else (since, None)
         if (epoch is not None and epoch != self.epoch) or seq > self.seq:
-            # Another sequence space (a restarted node): the client cannot resume into it.
+            # Another sequence space (a restarted node): the client has nothing of this one,
+            # so it gets this numbering from its start, as far as the topic still holds it.
             gap = frames.gap(self.name, None, None, GapReason.EPOCH_CHANGED)
-            return False, self.seq, [gap, *retained]
+            return False, 0, [gap, *self._replay_from_start()]
         if seq >= self.seq:
             return True, seq, []
         history = self.history
@@ -146,6 +150,25 @@ class Topic:
             entries.append(frames.gap(self.name, seq + 1, first - 1, GapReason.HISTORY_EVICTED))
         entries.extend(e for e in history if e.seq > seq)
         return recovered, seq, entries
+
+    def _replay_from_start(self) -> list[bytes | Event]:
+        """Seqs 1..``seq`` as far as held, in order, with a ``history_evicted`` gap for each
+        run no longer held. Held is the history, or with none the retained event (which
+        may be older than ``seq`` after a rebase; the history, when not empty, runs
+        contiguously up to ``seq``)."""
+        held = list(self.history) if self.history else [self.retained] if self.retained else []
+        entries: list[bytes | Event] = []
+        after = 0
+        for event in held:
+            if event.seq > after + 1:
+                entries.append(
+                    frames.gap(self.name, after + 1, event.seq - 1, GapReason.HISTORY_EVICTED)
+                )
+            entries.append(event)
+            after = event.seq
+        if after < self.seq:
+            entries.append(frames.gap(self.name, after + 1, self.seq, GapReason.HISTORY_EVICTED))
+        return entries
 
 
 #: How many recently published topics `Topics.recent` remembers.

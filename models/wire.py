@@ -316,9 +316,11 @@ class Subscribed(_Message):
     that explains why follows. `epoch[t]` is what the client sends back in a `SinceCursor`.
     `seq[t]` is where the subscription took effect: the topic's newest seq (0 when it has
     none) for a new subscription or one already held, the `since` seq for a resume (the
-    replay follows). Resuming later from max(`seq[t]`, the last seq received) in `epoch[t]`
-    misses nothing without a gap, whether or not an event arrived. Servers before this
-    field omit it: a client then has no position for a topic that delivered nothing."""
+    replay follows), 0 for a resume from another epoch (the `epoch_changed` gap follows,
+    then the new numbering from its start). Resuming later from max(`seq[t]`, the last seq
+    received) in `epoch[t]` misses nothing without a gap, whether or not an event arrived.
+    Servers before this field omit it: a client then has no position for a topic that
+    delivered nothing."""
 
     type: Literal["subscribed"] = "subscribed"
     topics: tuple[Topic, ...]

@@ -40,8 +40,10 @@ Contract:
   where `positions` holds where the last ``subscribed`` said the subscription took effect:
   the server replays what was missed or sends the gap, also for a topic that has delivered
   nothing yet (subscribed, cut, events published meanwhile: they all arrive). When the
-  topic's epoch changed, its ``last_seq`` and position are forgotten and the server's
-  ``epoch_changed`` gap is yielded.
+  topic's epoch changed, the server's ``epoch_changed`` gap is yielded and only then is the
+  new epoch adopted (its ``last_seq`` and position forgotten, the new numbering following
+  from its start): a connection cut between ``subscribed`` and that gap resumes in the old
+  epoch, and the server says so again.
 - Dead-server detection: an application ``ping`` every ``ping_interval``; when no frame at all
   arrives within ``ping_interval + ping_timeout`` (the server's values from ``welcome``
   unless given), the connection is dropped (TCP abort: a dead peer will not answer a close
@@ -242,8 +244,12 @@ class Subscription:
         self._ping_timeout = ping_timeout
         #: The last seq given to the application, per topic.
         self.last_seq: dict[str, int] = {}
-        #: The epoch each topic's `last_seq` is counted in (from the last ``subscribed``).
+        #: The epoch each topic's `last_seq` is counted in (from ``subscribed``, or for a
+        #: resume moved to another epoch from the ``epoch_changed`` gap that follows it).
         self.epochs: dict[str, str] = {}
+        #: Topics whose last ``subscribed`` moved them to another epoch, not yet adopted:
+        #: the epoch and position their ``epoch_changed`` gap brings in.
+        self._moving: dict[str, tuple[str, int | None]] = {}
         #: Where each topic's subscription took effect, in `epochs` (the last ``subscribed``'s
         #: ``seq``): a resume starts from the higher of it and `last_seq`.
         self.positions: dict[str, int] = {}
@@ -466,14 +472,23 @@ class Subscription:
             if topic not in self.topics:
                 continue
             old = self.epochs.get(topic)
-            if old is not None and old != epoch:
-                # Another sequence space: the old last_seq means nothing in it.
-                self.last_seq.pop(topic, None)
-                self.positions.pop(topic, None)
-            self.epochs[topic] = epoch
             position = msg.seq.get(topic)
-            if position is not None:
-                self.positions[topic] = position
+            if old is not None and old != epoch and not msg.recovered.get(topic, True):
+                # The epoch_changed gap that follows moves the topic: until it arrives the
+                # application still counts in the old epoch, and a resume says so.
+                self._moving[topic] = (epoch, position)
+                continue
+            self._moving.pop(topic, None)
+            self._adopt(topic, epoch, position)
+
+    def _adopt(self, topic: str, epoch: str, position: int | None) -> None:
+        if self.epochs.get(topic, epoch) != epoch:
+            # Another sequence space: the old last_seq means nothing in it.
+            self.last_seq.pop(topic, None)
+            self.positions.pop(topic, None)
+        self.epochs[topic] = epoch
+        if position is not None:
+            self.positions[topic] = position
 
     def _on_event(self, msg: wire.Event) -> Event | None:
         if msg.topic not in self.topics:
@@ -495,6 +510,9 @@ class Subscription:
         if msg.topic not in self.topics:
             return None
         if msg.from_seq is None or msg.to_seq is None:  # epoch_changed: no range
+            moving = self._moving.pop(msg.topic, None)
+            if moving is not None:
+                self._adopt(msg.topic, *moving)
             self.last_seq.pop(msg.topic, None)
             return Gap(msg.topic, None, None, msg.reason)
         last = self.last_seq.get(msg.topic)

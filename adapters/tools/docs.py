@@ -210,7 +210,8 @@ def _gap_reasons() -> str:
     meanings = {
         "history_evicted": (
             "A resume (`since`) from before the oldest event the topic still keeps "
-            "(`[history] size` and `max_age`)."
+            "(`[history] size` and `max_age`); after `epoch_changed`, the new numbering's "
+            "seqs from 1 that it no longer keeps."
         ),
         "slow_consumer": (
             "Events dropped from a full outbox under the `drop_oldest` or `keep_latest` policy."
@@ -220,7 +221,8 @@ def _gap_reasons() -> str:
         ),
         "epoch_changed": (
             "The topic's numbering restarted (a restarted server, or a node-local topic resumed "
-            "on another node): no range, the old and new seqs are unrelated."
+            "on another node): no range, the old and new seqs are unrelated; the new "
+            "numbering follows from seq 1."
         ),
     }
     rows = [(f"`{reason}`", text) for reason, text in _keyed(GapReason, meanings)]

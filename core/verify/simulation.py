@@ -24,13 +24,15 @@ Rules of this module:
 Properties (`Simulation.check`), per client and per (epoch, topic):
 
 1. received seqs are strictly increasing (a repeat is reported as a duplicate);
-2. every seq published after the client learned it was subscribed (its first ``subscribed``
-   in that epoch) is received or inside a ``gap`` it was sent (an ``epoch_changed`` gap
-   covers everything after the cursor the client resumed from, in the old epoch). Before
+2. every seq after the position the client's first ``subscribed`` in that epoch named (its
+   ``seq``: 0 when the client came from another epoch, whose numbering it then gets from
+   the start) is received or inside a ``gap`` it was sent (an ``epoch_changed`` gap covers
+   everything after the cursor the client resumed from, in the old epoch). Before
    `Simulation.settle` this is checked up to what the client has heard of; after, up to the
-   last seq published;
+   last seq published in that epoch (a restart ends an epoch, and so does a topic dropped
+   and created again);
 3. after `Simulation.settle`, every client is connected, subscribed to every topic in the
-   current epoch, and has nothing left in its outbox.
+   topic's current epoch, and has nothing left in its outbox.
 """
 
 from __future__ import annotations
@@ -78,25 +80,39 @@ class ResumingClient:
 
     ``last[topic]`` is the highest seq the client has received or been told it lost (a gap),
     or where ``subscribed`` said the subscription took effect if higher; ``epochs[topic]``
-    the epoch it counts in. A ``subscribed`` naming a new epoch restarts the count from its
-    ``seq``, so a topic that delivered nothing yet resumes from where it was subscribed.
+    the epoch it counts in. A ``subscribed`` that refuses the resume into a new epoch is
+    followed by an ``epoch_changed`` gap: the client adopts the new epoch (its count from
+    ``subscribed``'s ``seq``) only when that gap arrives, so a cut between the two resumes
+    in the old epoch again and is told again.
     """
 
     def __init__(self) -> None:
         self.last: dict[str, int] = {}
         self.epochs: dict[str, str] = {}
+        self.pending: dict[str, tuple[str, int]] = {}  # epoch and seq its gap will adopt
 
     def on_frame(self, msg: dict[str, Any]) -> None:
         kind = msg["type"]
         if kind == "subscribed":
             for topic, epoch in msg["epoch"].items():
+                seq = msg["seq"][topic]
+                if topic in self.epochs and not msg["recovered"][topic]:
+                    # An epoch_changed gap may follow: it alone moves the count to (epoch, seq).
+                    self.pending[topic] = (epoch, seq)
+                    if epoch != self.epochs[topic]:
+                        continue
+                else:
+                    self.pending.pop(topic, None)
                 if self.epochs.get(topic) != epoch:
                     self.epochs[topic] = epoch
                     self.last[topic] = 0
-                self.last[topic] = max(self.last[topic], msg["seq"][topic])
+                self.last[topic] = max(self.last[topic], seq)
         elif kind == "event":
             self.last[msg["topic"]] = msg["seq"]
-        elif kind == "gap" and msg["to_seq"] is not None:
+        elif kind == "gap" and msg["reason"] == GapReason.EPOCH_CHANGED:
+            topic = msg["topic"]
+            self.epochs[topic], self.last[topic] = self.pending.pop(topic, (self.epochs[topic], 0))
+        elif kind == "gap":
             topic = msg["topic"]
             self.last[topic] = max(self.last[topic], msg["to_seq"])
 
@@ -154,9 +170,9 @@ class _Slot:
     ping_owed: bool = False
     connects: int = 0
     since: dict[str, tuple[int, str | None]] = field(default_factory=dict)  # of this conn
-    starts: dict[str, int] = field(default_factory=dict)  # topic seq at this conn's subscribe
     epoch: dict[str, str] = field(default_factory=dict)  # topic -> epoch last subscribed
     resumed_from: dict[str, tuple[str, int]] = field(default_factory=dict)
+    entering: dict[str, int] = field(default_factory=dict)  # owed after this from its gap on
     obliged: dict[Key, int] = field(default_factory=dict)  # owed every seq after this
     received: dict[Key, list[int]] = field(default_factory=dict)
     gaps: dict[Key, list[Gap]] = field(default_factory=dict)
@@ -191,7 +207,7 @@ class Simulation:
         self.hub = Hub(config, epoch="e0")
         self.trace: list[str] = []  # the last ``trace_size`` steps, for failure messages
         self._trace_size = trace_size
-        self._finals: dict[Key, int] = {}  # last seq of each topic of each ended epoch
+        self._finals: dict[Key, int] = {}  # the last seq published per (epoch, topic)
         self._settled = False
         self.steps = self.published = self.delivered = self.gaps = 0
         self.cuts = self.slow_readers = self.server_closes = self.restarts = 0
@@ -260,6 +276,7 @@ class Simulation:
     def publish(self, topic: str) -> int:
         """Publish one event on ``topic`` now; returns its seq."""
         seq = self.hub.publish(topic, {"step": self.steps}, self.now)
+        self._finals[(self.hub.topics[topic].epoch, topic)] = seq
         self.published += 1
         self._log(f"publish {topic} {seq}")
         self._after()
@@ -283,8 +300,6 @@ class Simulation:
     def restart(self) -> None:
         """The node restarts without a persistent bus: a new hub with a new epoch, every
         connection lost, every topic's sequence restarted."""
-        for name, topic in self.hub.topics.items():
-            self._finals[(topic.epoch, name)] = topic.seq
         self.restarts += 1
         self.hub = Hub(self.config, epoch=f"e{self.restarts}")
         self._log(f"restart e{self.restarts}")
@@ -362,13 +377,14 @@ class Simulation:
             if conn is None or conn.state is not ConnState.OPEN or conn.outbox or conn.owed:
                 return "not connected and drained after settle()"
             for topic in self.topics:
-                if slot.epoch.get(topic) != self.hub.epoch or topic not in conn.topics:
-                    return f"topic {topic!r} not subscribed in epoch {self.hub.epoch!r}"
+                # A topic dropped and created again counts in an epoch of its own.
+                held = self.hub.topics.get(topic)
+                epoch = self.hub.epoch if held is None else held.epoch
+                if slot.epoch.get(topic) != epoch or topic not in conn.topics:
+                    return f"topic {topic!r} not subscribed in epoch {epoch!r}"
         for key, start in sorted(slot.obliged.items()):
             epoch, topic = key
-            final = self._finals.get(key)
-            if final is None:
-                final = self.hub.topics[topic].seq
+            final = self._finals.get(key, 0)
             received = set(slot.received.get(key, ()))
             gaps = slot.gaps.get(key, [])
             heard = max([0, *received, *(hi if hi is not None else final for _, hi, _ in gaps)])
@@ -405,7 +421,6 @@ class Simulation:
         hub.start(conn, now)
         since = slot.client.resume_since()
         slot.since = {t: v if isinstance(v, tuple) else (v, None) for t, v in since.items()}
-        slot.starts = {t: hub.topics[t].seq if t in hub.topics else 0 for t in self.topics}
         hub.subscribe(conn, self.topics, now, since=since)
         slot.ping_owed = False
         self._after()
@@ -423,13 +438,19 @@ class Simulation:
         kind = msg["type"]
         if kind == "subscribed":
             for topic, epoch in msg["epoch"].items():
-                slot.obliged.setdefault((epoch, topic), slot.starts[topic])
                 seq, since_epoch = slot.since.get(topic, (0, None))
                 old = since_epoch or slot.epoch.get(topic)
                 if old is not None and old != epoch:
                     slot.resumed_from[topic] = (old, seq)
                 else:
                     slot.resumed_from.pop(topic, None)
+                slot.entering.pop(topic, None)
+                if old is not None and old != epoch and not msg["recovered"][topic]:
+                    # The client enters the new epoch with its epoch_changed gap: cut before
+                    # it, the client never was in this epoch and is owed nothing of it.
+                    slot.entering[topic] = msg["seq"][topic]
+                else:
+                    slot.obliged.setdefault((epoch, topic), msg["seq"][topic])
                 slot.epoch[topic] = epoch
         elif kind == "event":
             self.delivered += 1
@@ -444,6 +465,9 @@ class Simulation:
                 # Everything after the cursor the client resumed from, in the epoch it
                 # resumed from. Resuming beyond the head of the *same* epoch covers nothing.
                 cursor = slot.resumed_from.get(topic)
+                start = slot.entering.pop(topic, None)
+                if start is not None:
+                    slot.obliged.setdefault((epoch, topic), start)
                 epoch, lo, hi = (cursor[0], cursor[1] + 1, None) if cursor else (epoch, None, None)
             slot.gaps.setdefault((epoch, topic), []).append((lo, hi, msg["reason"]))
 

@@ -410,13 +410,15 @@ def test_history_is_bounded_by_age_too() -> None:
 
 
 def test_resume_into_another_epoch_is_refused_with_an_epoch_changed_gap() -> None:
-    hub = Hub(epoch="new")
-    hub.publish("t", 0, 0.0)
+    hub = Hub(HubConfig(history_size=3), epoch="new")
+    for i in range(5):
+        hub.publish("t", i, 0.0)
     conn = open_client(hub)
     hub.subscribe(conn, ["t"], 1.0, since={"t": (41, "old")})
     msgs = frames(hub, conn)
     assert msgs[0]["recovered"] == {"t": False}
-    assert (msgs[0]["epoch"], msgs[0]["seq"]) == ({"t": "new"}, {"t": 1})  # the new count
+    # The client has nothing of the new numbering: the subscription continues after 0.
+    assert (msgs[0]["epoch"], msgs[0]["seq"]) == ({"t": "new"}, {"t": 0})
     assert msgs[1] == {
         "type": "gap",
         "topic": "t",
@@ -424,7 +426,32 @@ def test_resume_into_another_epoch_is_refused_with_an_epoch_changed_gap() -> Non
         "to_seq": None,
         "reason": "epoch_changed",
     }
-    assert events(msgs) == [("t", 1)]  # then the retained latest value
+    # Then the new numbering from its start, as far as the history holds it.
+    assert msgs[2] == {
+        "type": "gap",
+        "topic": "t",
+        "from_seq": 1,
+        "to_seq": 2,
+        "reason": "history_evicted",
+    }
+    assert events(msgs) == [("t", 3), ("t", 4), ("t", 5)]
+    assert len(msgs) == 6
+
+
+def test_a_cut_after_an_epoch_change_resumes_in_the_new_epoch_and_misses_nothing() -> None:
+    hub = Hub(epoch="new")
+    for i in range(3):
+        hub.publish("t", i, 0.0)
+    conn = open_client(hub)
+    hub.subscribe(conn, ["t"], 1.0, since={"t": (41, "old")})
+    ack, gap, first, *_ = frames(hub, conn)
+    assert (ack["seq"], gap["reason"], first["seq"]) == ({"t": 0}, "epoch_changed", 1)
+    # Cut after seq 1: resuming from max(subscribed seq, last received) replays the rest.
+    again = open_client(hub, "c2")
+    hub.subscribe(again, ["t"], 2.0, since={"t": (max(ack["seq"]["t"], 1), "new")})
+    msgs = frames(hub, again)
+    assert msgs[0]["recovered"] == {"t": True}
+    assert events(msgs) == [("t", 2), ("t", 3)]
 
 
 def test_a_since_beyond_the_topics_seq_means_another_sequence_space() -> None:
@@ -436,6 +463,13 @@ def test_a_since_beyond_the_topics_seq_means_another_sequence_space() -> None:
     assert msgs[0]["seq"] == {"t": 0}
     assert msgs[1]["reason"] == "epoch_changed"
     assert len(msgs) == 2
+    hub.publish("t", 0, 2.0)
+    hub.publish("t", 1, 2.0)
+    later = open_client(hub, "c2")
+    hub.subscribe(later, ["t"], 3.0, since={"t": 41})
+    msgs = frames(hub, later)
+    assert (msgs[0]["seq"], msgs[1]["reason"]) == ({"t": 0}, "epoch_changed")
+    assert events(msgs) == [("t", 1), ("t", 2)]  # the numbering it is moved to, from 1
 
 
 def test_subscribed_says_where_an_empty_topic_stands_so_a_resume_from_it_misses_nothing() -> None:

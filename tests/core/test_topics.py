@@ -3,10 +3,13 @@
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import orjson
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from wirestate.core.causes import CloseCause, ErrorCode
 from wirestate.core.hub import BUILTIN_TOPICS, Connection, Hub, HubConfig, TopicLimit
@@ -190,3 +193,90 @@ def test_recent_remembers_the_last_published_topics_newest_last_and_no_more() ->
     assert recent[-1] == "t.20"
     assert recent[:2] == ["t.10", "t.11"]  # the 10 oldest were forgotten
     assert "t.9" not in hub.topics.recent
+
+
+# -- a resume from another epoch gets this one from its start --------------------------------
+
+
+def replay(got: list[dict[str, Any]]) -> list[tuple[int, int] | int]:
+    """After ``subscribed`` and the ``epoch_changed`` gap: seqs, and gaps as (from, to)."""
+    assert got[0]["seq"] == {"t": 0}
+    assert got[1]["reason"] == "epoch_changed"
+    out: list[tuple[int, int] | int] = []
+    for m in got[2:]:
+        if m["type"] == "gap":
+            assert m["reason"] == "history_evicted"
+            out.append((m["from_seq"], m["to_seq"]))
+        else:
+            out.append(m["seq"])
+    return out
+
+
+RESUMERS = itertools.count()
+
+
+def resume_from_elsewhere(hub: Hub, now: float) -> list[tuple[int, int] | int]:
+    conn = open_client(hub, f"r{next(RESUMERS)}", now)
+    hub.subscribe(conn, ["t"], now, since={"t": (1, "elsewhere")})
+    return replay(msgs(hub, conn))
+
+
+def test_after_a_rebase_the_retained_value_is_replayed_between_gaps() -> None:
+    hub = hub_with()
+    for i in range(3):
+        hub.publish("t", i, 0.0)
+    hub.rebase("t", 6, 1.0)  # a bus outage: 4..6 happened elsewhere, the history is gone
+    assert hub.topics["t"].retained is not None
+    assert resume_from_elsewhere(hub, 2.0) == [(1, 2), 3, (4, 6)]
+    hub.publish("t", "next", 3.0)
+    assert resume_from_elsewhere(hub, 4.0) == [(1, 6), 7]
+
+
+def test_with_no_history_the_retained_value_is_replayed_after_a_gap() -> None:
+    hub = hub_with(history_size=0)
+    for i in range(3):
+        hub.publish("t", i, 0.0)
+    assert resume_from_elsewhere(hub, 1.0) == [(1, 2), 3]
+
+
+def test_when_nothing_is_held_the_whole_numbering_is_one_gap() -> None:
+    hub = hub_with(history_max_age=10.0)
+    conn = open_client(hub)
+    hub.subscribe(conn, ["t"], 0.0)  # keeps the topic while its events age out
+    for i in range(3):
+        hub.publish("t", i, 0.0)
+    hub.tick(20.0)
+    assert resume_from_elsewhere(hub, 20.0) == [(1, 3)]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    steps=st.lists(
+        st.one_of(
+            st.just(("publish", 0)),
+            st.tuples(st.just("rebase"), st.integers(0, 4)),
+            st.tuples(st.just("wait"), st.integers(1, 6)),
+        ),
+        max_size=20,
+    ),
+    size=st.integers(0, 4),
+)
+def test_a_resume_from_elsewhere_accounts_for_every_seq_once_in_order(
+    steps: list[tuple[str, int]], size: int
+) -> None:
+    hub = hub_with(history_size=size, history_max_age=10.0)
+    keeper = open_client(hub, "keeper")
+    hub.subscribe(keeper, ["t"], 0.0)  # the topic lives on while its history ages
+    now = 0.0
+    for kind, n in steps:
+        if kind == "publish":
+            hub.publish("t", None, now)
+        elif kind == "rebase":
+            hub.rebase("t", hub.topics["t"].seq + n, now)
+        else:
+            now += n
+            hub.tick(now)
+    accounted: list[int] = []
+    for entry in resume_from_elsewhere(hub, now):
+        accounted.extend(range(entry[0], entry[1] + 1) if isinstance(entry, tuple) else [entry])
+    assert accounted == list(range(1, hub.topics["t"].seq + 1))

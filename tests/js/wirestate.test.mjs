@@ -166,6 +166,40 @@ test("a new epoch restarts the numbering: epoch_changed gap, then the new seqs",
   t.client.close();
 });
 
+test("a cut between subscribed and the epoch_changed gap resumes in the old epoch, told again", async () => {
+  const t = await started({ backoff: { base: 0.1, cap: 1 } });
+  follow(t.client, "orders", t.log);
+  let ws = t.sockets.last;
+  ws.welcome();
+  ws.deliver(subscribed("orders", "old", 0));
+  ws.deliver(ev("orders", 1));
+  ws.deliver(ev("orders", 2));
+  ws.drop(1001, "shutdown");
+  await t.clock.advance(100);
+  ws = t.sockets.last;
+  ws.welcome();
+  ws.deliver({ ...subscribed("orders", "new", 0), recovered: { orders: false } });
+  ws.drop(1006); // before the epoch_changed gap
+  await t.clock.advance(100);
+  ws = t.sockets.last;
+  ws.welcome();
+  assert.deepEqual(ws.subscribes()[0].since, { orders: { seq: 2, epoch: "old" } });
+  ws.deliver({ ...subscribed("orders", "new", 0), recovered: { orders: false } });
+  ws.deliver({ type: "gap", topic: "orders", from_seq: null, to_seq: null, reason: "epoch_changed" });
+  ws.deliver(ev("orders", 1));
+  assert.deepEqual(t.log, [
+    ["event", "orders", 1],
+    ["event", "orders", 2],
+    ["gap", "orders", null, null, "epoch_changed"],
+    ["event", "orders", 1],
+  ]);
+  ws.drop(1006);
+  await t.clock.advance(100);
+  t.sockets.last.welcome();
+  assert.deepEqual(t.sockets.last.subscribes()[0].since, { orders: { seq: 1, epoch: "new" } });
+  t.client.close();
+});
+
 test("a position from the old epoch is forgotten: the resume uses the new one's", async () => {
   const t = await started({ backoff: { base: 0.1, cap: 1 } });
   follow(t.client, "quiet", t.log);

@@ -13,7 +13,9 @@
 //   `last` alone (0 before any event), so nothing is missed; older events may come once.
 // * Dedup. An event whose seq is not above `last` is dropped: no seq is delivered twice.
 // * Epochs. A new epoch (a restarted hub) restarts the numbering: the hub's
-//   `epoch_changed` gap reaches the page first, then the new epoch's events.
+//   `epoch_changed` gap reaches the page first, then the new epoch's events from seq 1.
+//   The cursor moves to the new epoch when that gap arrives, not with `subscribed`: a
+//   socket cut between the two resumes in the old epoch, and the hub says so again.
 // * Liveness. A page cannot send protocol pings, so the client sends the application
 //   `ping` every `ping_interval` (from `welcome`) and drops a connection that let
 //   `ping_interval + ping_timeout` pass without a frame.
@@ -63,7 +65,7 @@ class Client {
     this.state = "connecting";
     this.clientId = null;
     this._listeners = { state: new Set(), error: new Set() };
-    this._topics = new Map(); // topic -> { handlers: Set, epoch, last, floor }
+    this._topics = new Map(); // topic -> { handlers: Set, epoch, last, floor, moving }
     this._ws = null;
     this._opened = false; // the current socket got its welcome
     this._attempt = 0; // failed attempts since the last welcome
@@ -101,7 +103,7 @@ class Client {
     let entry = this._topics.get(topic);
     const fresh = entry === undefined;
     if (fresh) {
-      entry = { handlers: new Set(), epoch: null, last: 0, floor: 0 };
+      entry = { handlers: new Set(), epoch: null, last: 0, floor: 0, moving: null };
       this._topics.set(topic, entry);
     }
     const handler = { event: handlers.event, gap: handlers.gap };
@@ -325,20 +327,21 @@ class Client {
     this._answer("subscribed");
     const epochs = msg.epoch || {};
     const seqs = msg.seq || {};
+    const recovered = msg.recovered || {};
     for (const topic of msg.topics || []) {
       const entry = this._topics.get(topic);
       if (!entry) continue;
-      const epoch = epochs[topic];
-      if (typeof epoch === "string" && epoch !== entry.epoch) {
-        if (entry.epoch !== null) {
-          // A new numbering: the old seqs mean nothing in it. The hub's epoch_changed gap
-          // follows (it was sent the old epoch in `since`).
-          entry.last = 0;
-          entry.floor = 0;
-        }
-        entry.epoch = epoch;
+      const epoch = typeof epochs[topic] === "string" ? epochs[topic] : null;
+      const floor = Number.isSafeInteger(seqs[topic]) ? seqs[topic] : null;
+      if (epoch !== null && entry.epoch !== null && epoch !== entry.epoch && recovered[topic] === false) {
+        // Moved to a new numbering: the hub's epoch_changed gap follows (it was sent the old
+        // epoch in `since`) and moves the cursor. Cut before it, the resume stays in the old
+        // epoch and the hub tells the page again.
+        entry.moving = { epoch, floor };
+        continue;
       }
-      if (Number.isSafeInteger(seqs[topic])) entry.floor = Math.max(entry.floor, seqs[topic]);
+      entry.moving = null;
+      adopt(entry, epoch, floor);
     }
   }
 
@@ -359,7 +362,9 @@ class Client {
     let fromSeq = Number.isSafeInteger(msg.from_seq) ? msg.from_seq : null;
     const toSeq = Number.isSafeInteger(msg.to_seq) ? msg.to_seq : null;
     if (msg.reason === "epoch_changed" || toSeq === null) {
-      // The numbering restarted: `floor` already comes from the new epoch's `subscribed`.
+      // The numbering restarted: the cursor moves to the epoch `subscribed` named.
+      if (entry.moving !== null) adopt(entry, entry.moving.epoch, entry.moving.floor);
+      entry.moving = null;
       entry.last = 0;
       fromSeq = null;
     } else {
@@ -516,6 +521,19 @@ class Client {
 export function backoffDelay(backoff, attempt, random = Math.random) {
   const ceiling = Math.min(backoff.cap, backoff.base * 2 ** Math.min(attempt, 52));
   return random() * ceiling;
+}
+
+// Move a topic's cursor to `epoch` (a string, or null: unchanged) and `floor` (a seq, or
+// null: unknown). A new numbering forgets the old seqs: they mean nothing in it.
+function adopt(entry, epoch, floor) {
+  if (epoch !== null && epoch !== entry.epoch) {
+    if (entry.epoch !== null) {
+      entry.last = 0;
+      entry.floor = 0;
+    }
+    entry.epoch = epoch;
+  }
+  if (floor !== null) entry.floor = Math.max(entry.floor, floor);
 }
 
 function withToken(url, token) {

@@ -1,7 +1,7 @@
 """The reconnecting subscriber against the real server on loopback (order, resume across a
-cut, evicted history, a restarted node) and against small scripted websockets servers (a
-silent server, duplicates, refusals, the close code on cancellation). Millisecond intervals;
-every wait is bounded by asyncio.timeout."""
+cut, evicted history, a restarted node, a relay that cuts right after ``subscribed``) and
+against small scripted websockets servers (a silent server, duplicates, refusals, the close
+code on cancellation). Millisecond intervals; every wait is bounded by asyncio.timeout."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
+from websockets.asyncio.client import connect as connect_ws
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed, InvalidURI
 
@@ -240,6 +241,89 @@ async def test_restarted_server_gives_an_epoch_changed_gap_and_a_fresh_sequence(
                 assert isinstance(items[0], Event)
                 assert items[0].data == "new"
                 assert sub.duplicates == 0
+    finally:
+        await first.stop()
+
+
+@asynccontextmanager
+async def relay(upstream: Callable[[], str], cut_after: set[int]) -> AsyncIterator[Relay]:
+    """A websockets relay to ``upstream()``; on the n-th connection that reaches it (from 1)
+    in ``cut_after`` it aborts the client's TCP connection right after passing on
+    ``subscribed``. While the upstream is down a connection is closed at once."""
+    state = Relay()
+
+    async def handler(ws: ServerConnection) -> None:
+        try:
+            up = await connect_ws(upstream())
+        except OSError:
+            return
+        state.connections += 1
+        n = state.connections
+        async with up:
+
+            async def client_to_server() -> None:
+                async for raw in ws:
+                    msg = json.loads(raw)
+                    if msg["type"] == "subscribe":
+                        state.subscribes.append(msg)
+                    await up.send(raw)
+
+            async def server_to_client() -> None:
+                async for raw in up:
+                    await ws.send(raw)
+                    if n in cut_after and json.loads(raw)["type"] == "subscribed":
+                        ws.transport.abort()
+                        return
+
+            tasks = [asyncio.create_task(f()) for f in (client_to_server, server_to_client)]
+            try:
+                await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+
+    async with serve(handler, "127.0.0.1", 0) as server:
+        port = server.sockets[0].getsockname()[1]
+        state.url = f"ws://127.0.0.1:{port}/ws"
+        yield state
+
+
+class Relay:
+    def __init__(self) -> None:
+        self.url = ""
+        self.connections = 0
+        self.subscribes: list[dict[str, Any]] = []
+
+
+async def test_a_cut_between_subscribed_and_the_epoch_changed_gap_still_reports_the_gap() -> None:
+    first = WirestateServer(settings(), epoch="aaaa")
+    await first.start()
+    port = first.port
+    url = first.url
+    try:
+        # The second connection (to the restarted node) is cut right after `subscribed`.
+        async with (
+            relay(lambda: url, cut_after={2}) as via,
+            connect(via.url, topics=[TOPIC], backoff=FAST, rng=lambda: 0.5) as sub,
+        ):
+            for n in range(1, 4):
+                await first.publish(TOPIC, n)
+            assert seqs(await take(sub, 3)) == [1, 2, 3]
+            await first.stop()
+            async with hub(settings(port), epoch="bbbb") as second:
+                for n in ("x", "y"):
+                    await second.publish(TOPIC, n)
+                items = await take(sub, 2)
+                # The old numbering ended: said before seq 1 of the new one, never skipped.
+                assert items[0] == Gap(TOPIC, None, None, GapReason.EPOCH_CHANGED)
+                items += await take(sub, 1)
+                assert seqs(items[1:]) == [1, 2]
+                assert [i.data for i in items[1:] if isinstance(i, Event)] == ["x", "y"]
+                assert via.connections == 3
+                resumes = [m["since"][TOPIC] for m in via.subscribes[1:]]
+                assert resumes == [{"seq": 3, "epoch": "aaaa"}] * 2  # told again after the cut
+                assert (sub.epochs, sub.last_seq) == ({TOPIC: "bbbb"}, {TOPIC: 2})
     finally:
         await first.stop()
 

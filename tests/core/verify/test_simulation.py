@@ -186,8 +186,97 @@ def test_the_default_client_passes_the_same_scenario() -> None:
         s.publish("t")
     s.settle().check()
     (c,) = s.report().clients
-    assert c.received == {("e0", "t"): (1, 2, 3), ("e1", "t"): (5,)}  # the retained latest
-    assert c.gaps == {("e0", "t"): ((4, None, "epoch_changed"),)}
+    # The new epoch from its start, as far as the hub holds it (a history of 4).
+    assert c.received == {("e0", "t"): (1, 2, 3), ("e1", "t"): (2, 3, 4, 5)}
+    assert c.gaps == {
+        ("e0", "t"): ((4, None, "epoch_changed"),),
+        ("e1", "t"): ((1, 1, "history_evicted"),),
+    }
+    # subscribed named 0 in e1, so all of e1 is owed: a replay short of seq 2 is caught.
+    s.slots[0].received[("e1", "t")].remove(2)
+    with pytest.raises(AssertionError, match="epoch 'e1': seq 2 published"):
+        s.check()
+
+
+def test_the_default_client_enters_a_new_epoch_only_with_its_epoch_changed_gap() -> None:
+    client = ResumingClient()
+    client.on_frame(subscribed("e0", recovered=True, seq=0))
+    client.on_frame({"type": "event", "topic": "t", "seq": 3})
+    # Resumed into e1; the connection is cut before the epoch_changed gap arrives.
+    client.on_frame(subscribed("e1", recovered=False, seq=0))
+    assert client.resume_since() == {"t": (3, "e0")}  # so the next resume is told again
+    client.on_frame(subscribed("e1", recovered=False, seq=0))
+    client.on_frame(
+        {"type": "gap", "topic": "t", "from_seq": None, "to_seq": None, "reason": "epoch_changed"}
+    )
+    assert client.resume_since() == {"t": (0, "e1")}
+    client.on_frame(
+        {"type": "gap", "topic": "t", "from_seq": 1, "to_seq": 2, "reason": "history_evicted"}
+    )
+    assert client.resume_since() == {"t": (2, "e1")}
+    # A resume refused in the same epoch (history lost) keeps the count.
+    client.on_frame(subscribed("e1", recovered=False, seq=2))
+    assert client.resume_since() == {"t": (2, "e1")}
+
+
+def subscribed(epoch: str, *, recovered: bool, seq: int) -> dict[str, Any]:
+    return {
+        "type": "subscribed",
+        "topics": ["t"],
+        "recovered": {"t": recovered},
+        "epoch": {"t": epoch},
+        "seq": {"t": seq},
+    }
+
+
+def test_a_client_cut_before_its_epoch_changed_gap_is_owed_nothing_of_that_epoch() -> None:
+    s = sim(0, clients=1, topics=("a", "b"), config=HubConfig(send_queue_size=3)).settle()
+    s.restart()
+    s.settle(max_rounds=1)  # welcome, subscribed, a's gap: b's gap overflows and closes
+    assert s.slots[0].conn is None
+    s.publish("b")  # seq 1 of e1, which the client never entered
+    s.config = SIM_CONFIG
+    s.restart()
+    s.settle().check()  # resumed from e0 into e2: told epoch_changed for e0, nothing of e1
+    (c,) = s.report().clients
+    assert ("e1", "b") not in c.received
+    assert c.gaps[("e0", "b")] == ((1, None, "epoch_changed"),)
+
+
+TICK = Rates(publish=0.0, cut=0.0, slow=0.0, tick=1.0)  # time passes to the next deadline
+
+
+def test_a_topic_dropped_and_created_again_counts_in_its_own_epoch() -> None:
+    config = HubConfig(ping_interval=1000.0, history_max_age=10.0)
+    s = sim(0, clients=1, config=config)
+    s.publish("t")
+    s.settle()
+    s.cut("c0")
+    s.publish("t")  # seq 2 of e0: the client never sees it
+    s.step(TICK)  # history ages out: the idle topic goes
+    s.step(TICK)
+    assert "t" not in s.hub.topics
+    s.publish("t")  # seq 1 of e0.1
+    s.settle().check()
+    (c,) = s.report().clients
+    assert c.received == {("e0", "t"): (1,), ("e0.1", "t"): (1,)}
+    assert c.gaps == {("e0", "t"): ((2, None, "epoch_changed"),)}
+
+
+def test_what_a_dropped_topic_published_is_still_owed() -> None:
+    config = HubConfig(ping_interval=1000.0, history_max_age=10.0)
+    s = sim(0, clients=1, config=config, client_factory=NeverResumes)
+    s.publish("t")
+    s.settle()
+    s.cut("c0")
+    s.publish("t")
+    s.publish("t")  # seqs 2 and 3 of e0: the client never sees them
+    s.step(TICK)
+    s.step(TICK)
+    s.publish("t")  # seq 1 of e0.1
+    s.settle()
+    with pytest.raises(AssertionError, match="epoch 'e0': seq 2 published"):
+        s.check()
 
 
 def test_duplicates_and_reordering_are_named() -> None:
