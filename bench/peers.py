@@ -120,7 +120,12 @@ class _Wirestate(_Target):
 
         settings = Settings.model_validate(
             {
-                "server": {"port": port, "send_queue_size": 1024},
+                "server": {
+                    "port": port,
+                    "send_queue_size": 1024,
+                    # the latency knob's curve (docs/performance.md): seconds per flush turn
+                    "flush_slice": float(os.environ.get("WIRESTATE_BENCH_FLUSH_SLICE", "0")),
+                },
                 "limits": {
                     "max_connections": 100_000,
                     "max_connections_per_ip": 100_000,

@@ -631,3 +631,28 @@ async def test_join_cancels_the_writer_when_the_reader_fails_and_logs_a_failed_w
     with caplog.at_level("ERROR", logger="wirestate.server"):
         await join(quiet_reader(), asyncio.create_task(failing_writer()))
     assert [r.getMessage() for r in caplog.records] == ["writer failed: RuntimeError"]
+
+
+@pytest.mark.parametrize(("flush_slice", "flushes"), [(0.0, 3), (1.0, 1)])
+async def test_flush_slice_decides_how_much_of_a_fan_out_one_turn_writes(
+    flush_slice: float, flushes: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # 130 subscribers: 64 per chunk. With no slice the loop runs after each chunk (three
+    # turns); with a long one the whole fan-out leaves in one.
+    async with WirestateServer(server_settings(flush_slice=flush_slice)) as server:
+        clients = [(await connected(server.url, "fan"))[0] for _ in range(130)]
+        calls = 0
+        flush = server._flush
+
+        def counted() -> None:
+            nonlocal calls
+            calls += 1
+            flush()
+
+        monkeypatch.setattr(server, "_flush", counted)
+        await server.publish("fan", 1)
+        for ws in clients:
+            assert (await next_of(ws, "event", topic="fan"))["data"] == 1
+        assert calls == flushes
+        for ws in clients:
+            await ws.close()
