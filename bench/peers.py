@@ -1038,6 +1038,11 @@ def main() -> int:
     if args.core_runs:
         report["core"] = core(args.core_runs)
     md = markdown(report)
+    return _emit_report(args, report, md)
+
+
+def _emit_report(args: argparse.Namespace, report: dict[str, Any], md: str) -> int:
+    """Print the table; write the JSON and the markdown where asked."""
     print(md)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
@@ -1105,13 +1110,7 @@ def many_topics(args: argparse.Namespace) -> int:
         if plain and floor:
             plain["vs_floor"] = plain["us_per_delivery"] / floor["us_per_delivery"]
     md = mt_markdown(report)
-    print(md)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
-    if args.markdown:
-        args.markdown.write_text(md)
-    return 0
+    return _emit_report(args, report, md)
 
 
 def mt_markdown(report: dict[str, Any]) -> str:
