@@ -20,7 +20,7 @@ import dataclasses
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from enum import StrEnum
 from typing import Final
 
@@ -76,11 +76,7 @@ class Admission:
         self.rejections = rejections
 
     def decide(
-        self,
-        ip: str,
-        origin: str | None,
-        token: Callable[[], str | None],
-        host: str | None = None,
+        self, ip: str, headers: Sequence[tuple[str, str]], token: Callable[[], str | None]
     ) -> Refusal | Grants | None:
         """The checks before accepting an upgrade from ``ip`` (module docstring). Returns
         the refusal (counted and logged), the token's grants (or the anonymous ones), or None
@@ -93,7 +89,7 @@ class Admission:
             return self.refuse(503, RefusalReason.MAX_CONNECTIONS, "too many connections")
         if self.per_ip.get(ip, 0) >= limits.max_connections_per_ip:
             return self.refuse(429, RefusalReason.MAX_CONNECTIONS_PER_IP, "too many connections")
-        refusal = self.screen(host, origin)
+        refusal = self.screen(headers)
         if refusal is not None:
             return refusal
         if not self.auth.required:
@@ -118,8 +114,17 @@ class Admission:
             return None  # the token comes in the first message, within a deadline
         return self.auth.authenticate(value, now=time.time())
 
-    def screen(self, host: str | None, origin: str | None) -> Refusal | None:
-        """The Host and Origin checks (`access`), for upgrades and HTTP requests alike."""
+    def screen(self, headers: Sequence[tuple[str, str]]) -> Refusal | None:
+        """The Host and Origin checks (`access`) of a request's ``headers`` (name, value
+        pairs, names in any case), for upgrades and HTTP requests on every transport. A
+        repeated Host or Origin is refused (400): no browser sends either twice, and which
+        of two a parser reads is not a thing to depend on."""
+        hosts = [value for name, value in headers if name.lower() == "host"]
+        origins = [value for name, value in headers if name.lower() == "origin"]
+        if len(hosts) > 1 or len(origins) > 1:
+            return self.refuse(400, RefusalReason.HOST, "one Host, at most one Origin")
+        host = hosts[0] if hosts else None
+        origin = origins[0] if origins else None
         if self.access.host_refused(host):
             return self.refuse(421, RefusalReason.HOST, HOST_REFUSED)
         if self.access.origin_refused(origin, host):

@@ -63,9 +63,10 @@ class Endpoints:
     async def app(self, request: HttpRequest) -> HttpResponse:
         """What transports serve: the Host and Origin checks of an upgrade (`Admission.screen`)
         on every path, then the routes."""
-        refusal = self.service.admission.screen(request.header("host"), request.header("origin"))
+        refusal = self.service.admission.screen(request.headers)
         if refusal is not None:
-            code = "misdirected_request" if refusal.status == 421 else "origin_not_allowed"
+            codes = {400: "bad_request", 421: "misdirected_request"}
+            code = codes.get(refusal.status, "origin_not_allowed")
             return error_response(refusal.status, code, refusal.text.strip())
         return await self.routes(request)
 

@@ -269,12 +269,7 @@ class WirestateASGI:
         headers = [(n.decode("latin-1").lower(), v.decode("latin-1")) for n, v in scope["headers"]]
         query = scope.get("query_string", b"").decode("latin-1")
         ip = admission.access.client_ip(_ip(scope), headers)
-        decision = admission.decide(
-            ip,
-            next((v for n, v in headers if n == "origin"), None),
-            lambda: token_from_request(headers, f"?{query}"),
-            next((v for n, v in headers if n == "host"), None),
-        )
+        decision = admission.decide(ip, headers, lambda: token_from_request(headers, f"?{query}"))
         if isinstance(decision, Refusal):
             await _deny(scope, send, decision.status, decision.text)
             return

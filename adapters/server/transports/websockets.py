@@ -26,7 +26,7 @@ import asyncio
 import logging
 import ssl
 import weakref
-from collections.abc import Awaitable, Callable, Coroutine, Iterable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import TYPE_CHECKING, Any, Final, cast
 
 from websockets.asyncio.server import Server, ServerConnection, serve
@@ -306,17 +306,8 @@ class Listener:
             return ws.respond(404, "no WebSocket endpoint here; connect to /ws\n")
         admission = self.service.admission
         raw = list(request.headers.raw_items())
-        if _count(raw, "host") > 1 or _count(raw, "origin") > 1:
-            # h11 and uvicorn refuse a repeated Host too; no browser sends either twice.
-            refusal = admission.refuse(400, RefusalReason.HOST, "one Host, at most one Origin")
-            return ws.respond(refusal.status, refusal.text)
         ip = admission.access.client_ip(_ip(ws), raw)
-        decision = admission.decide(
-            ip,
-            _first(raw, "origin"),
-            lambda: token_from_request(raw, request.path),
-            _first(raw, "host"),
-        )
+        decision = admission.decide(ip, raw, lambda: token_from_request(raw, request.path))
         if isinstance(decision, Refusal):
             return ws.respond(decision.status, decision.text)
         self._admitted[ws] = (decision, ip)
@@ -361,12 +352,3 @@ def _ip(ws: ServerConnection) -> str:
         return str(ws.remote_address[0])
     except (TypeError, IndexError):
         return "?"
-
-
-def _first(headers: Iterable[tuple[str, str]], name: str) -> str | None:
-    """The first value of header ``name`` (lower case), repeated or not."""
-    return next((value for key, value in headers if key.lower() == name), None)
-
-
-def _count(headers: Iterable[tuple[str, str]], name: str) -> int:
-    return sum(key.lower() == name for key, _ in headers)

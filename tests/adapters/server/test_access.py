@@ -245,6 +245,14 @@ async def test_a_repeated_host_or_origin_is_refused_at_the_upgrade(
         )
         status, _ = await http_raw(port, upgrade)
         assert status == 400, extra
+    # and on plain HTTP, which shares the check (h11 itself refuses a repeated Host)
+    status, body = await http_raw(
+        port,
+        f"GET /api/snapshot HTTP/1.1\r\nHost: localhost:{port}\r\n"
+        f"Origin: http://localhost:{port}\r\nOrigin: https://evil.example\r\n"
+        "Connection: close\r\n\r\n",
+    )
+    assert (status, orjson.loads(body)["error"]) == (400, "bad_request")
 
 
 async def test_a_rebound_host_reads_nothing_from_an_origin_list_without_tokens() -> None:

@@ -609,6 +609,19 @@ def scope(kind: str, path: str, local: str, **extra: Any) -> dict[str, Any]:
     }
 
 
+async def test_a_repeated_origin_is_refused_here_too() -> None:
+    hub = WirestateASGI(server_settings())
+    async with hub.running():
+        twice = [(b"origin", b"http://127.0.0.1"), (b"origin", b"https://evil.example")]
+        ext = {"extensions": {"websocket.http.response": {}}, "headers": twice}
+        ws = Exchange({"type": "websocket.connect"}, {"type": "websocket.disconnect"})
+        await hub(scope("websocket", "/ws", "127.0.0.1", **ext), ws.receive, ws.send)
+        assert ws.sent[0]["status"] == 400
+        http = Exchange({"type": "http.request", "body": b""})
+        await hub(scope("http", "/healthz", "127.0.0.1", headers=twice), http.receive, http.send)
+        assert http.sent[0]["status"] == 400
+
+
 @pytest.mark.parametrize(("local", "status"), [("10.1.2.3", 403), ("127.0.0.1", 200)])
 async def test_open_mode_refuses_requests_that_arrived_on_a_non_loopback_address(
     local: str, status: int
