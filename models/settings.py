@@ -132,8 +132,8 @@ class ServerSettings(_Section):
     loop: Literal["asyncio", "uvloop"] = "asyncio"
     #: Seconds the server writes a fan-out before letting the loop run again (at least 64
     #: clients each time). 0: after every 64, which coalesces most (least CPU per delivery);
-    #: longer: a large paced fan-out reaches its last client sooner. Curve measured in
-    #: docs/performance.md.
+    #: longer coalesces less and costs more CPU, and measured no sooner a paced fan-out's last
+    #: client once the benchmark stopped favouring it (docs/performance.md).
     flush_slice: Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)] = 0.0
     #: `wirestate serve` only: tune the cyclic GC for many long-lived connections after
     #: start-up (`gc.freeze()`, a young generation of 10,000; see `cli.tune_gc`).
