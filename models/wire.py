@@ -255,20 +255,31 @@ def portable(value: Any) -> bool:
     `MAX_DEPTH`. Iterative: a hostile depth costs no recursion."""
     low, high = INT_RANGE
     stack: list[tuple[Any, int]] = [(value, 1)]
+    push, pop = stack.append, stack.pop
     while stack:
-        item, depth = stack.pop()
+        item, depth = pop()
         kind = type(item)
-        if kind is float:
-            if item != item or item in (math.inf, -math.inf):
-                return False
-        elif kind is int:
-            if not low <= item <= high:
-                return False
-        elif kind is list or kind is dict:
+        if kind is list or kind is dict:
             if depth > MAX_DEPTH:
                 return False
-            children = item.values() if kind is dict else item
-            stack.extend((child, depth + 1) for child in children)
+            # Scalars are checked here rather than pushed: most data is a flat object.
+            for child in item.values() if kind is dict else item:
+                kind = type(child)
+                if kind is str or child is None or kind is bool:
+                    continue
+                if kind is float:
+                    if child != child or child in (math.inf, -math.inf):
+                        return False
+                elif kind is int:
+                    if not low <= child <= high:
+                        return False
+                else:
+                    push((child, depth + 1))
+        elif kind is float:
+            if item != item or item in (math.inf, -math.inf):
+                return False
+        elif kind is int and not low <= item <= high:
+            return False
     return True
 
 

@@ -470,6 +470,10 @@ def _nested(depth: int) -> Any:
         ([float("-inf")], False),
         ([float("nan")], False),
         ("\u0000 \ud7ff \ue000 \U0010ffff", True),
+        ([True, None, "s", 1.0, INT_RANGE[1], {"k": [False]}], True),
+        ([1, [2, [INT_RANGE[1] + 1]]], False),
+        ({"a": {"b": [0, float("nan")]}}, False),
+        ({"a": {"b": INT_RANGE[0] - 1}}, False),
     ],
     ids=lambda v: type(v).__name__ if not isinstance(v, bool) else str(v),
 )

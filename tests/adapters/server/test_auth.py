@@ -7,6 +7,7 @@ import base64
 import hashlib
 import hmac
 import json
+from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any, Literal
 
@@ -134,6 +135,47 @@ def test_open_mode_allows_everything_without_a_token() -> None:
     assert OPEN.may_subscribe("any/topic:1")
     assert OPEN.may_publish("x")
     assert not OPEN.expired(1e18)
+
+
+PATTERNS = [
+    (),
+    ("*",),
+    ("orders*",),
+    ("orders.*", "audit"),
+    ("a.?", "[ab]*", "x.*.y"),
+    ("a+b(c)", "[!x]*", "dot."),
+    ("", "line\n*"),
+]
+TOPICS = [
+    "",
+    "orders",
+    "ordersADMIN",
+    "orders.us",
+    "audit",
+    "auditx",
+    "a.b",
+    "a.bc",
+    "bx",
+    "x.1.y",
+    "x..y",
+    "a+b(c)",
+    "yz",
+    "dot.",
+    "dotx",
+    "line\nz",
+    "\u00e9.x",
+]
+
+
+@pytest.mark.parametrize("patterns", PATTERNS, ids=repr)
+def test_claims_match_topics_exactly_as_fnmatchcase_does(patterns: tuple[str, ...]) -> None:
+    # The claims are compiled into one expression per claim set; it must say what
+    # fnmatchcase says for every pattern, regex metacharacters and newlines included.
+    grants = Grants(sub="s", expires_at=None, subscribe=patterns, publish=patterns)
+    for topic in TOPICS:
+        expected = any(fnmatchcase(topic, pattern) for pattern in patterns)
+        assert grants.may_subscribe(topic) is expected, (patterns, topic)
+        assert grants.may_publish(topic) is expected, (patterns, topic)
 
 
 # --- refusals -------------------------------------------------------------------------------
