@@ -24,6 +24,11 @@ Rules of this module:
   timeout: a peer that stopped reading is cut off as a slow consumer.
 * Peer input never raises out of the reader: a bad frame becomes ``bad_input`` with a fixed
   message; exception text never reaches the wire or the logs.
+* A transport may hand a complete text frame over as it parses it (``inline``), while the
+  reader waits with nothing queued and no subscription is attaching: the message is then
+  handled there, exactly as the reader would, without waking the reader's task. Anything
+  else (a frame while the reader is busy, during first-message auth, text that is not
+  UTF-8) goes the reader's way, so messages keep their order.
 """
 
 from __future__ import annotations
@@ -134,6 +139,7 @@ class Session:
 
     __slots__ = (
         "aborted",
+        "attaching",
         "authenticating",
         "client_id",
         "close",
@@ -142,6 +148,7 @@ class Session:
         "grants",
         "idle",
         "ip",
+        "parked",
         "pending",
         "ping_due",
         "service",
@@ -179,6 +186,11 @@ class Session:
         self.writer: asyncio.Task[None] | None = None
         self.task: asyncio.Task[Any] | None = None
         self.aborted = False  # the core's Abort cancelled this session's own task
+        #: The reader waits in ``receive`` (messages may be handled ``inline``).
+        self.parked = False
+        #: A subscription waiting for the bus, taken inline: the reader awaits it before
+        #: the next message, and nothing is handled inline meanwhile.
+        self.attaching: asyncio.Future[None] | None = None
         self.expiry: asyncio.TimerHandle | None = None  # token expiry, or the auth deadline
 
     # -- the whole life ------------------------------------------------------------------
@@ -323,7 +335,12 @@ class Session:
         try:
             # receive() rather than iteration: no async generator kept per connection.
             while True:
+                self.parked = True
                 message = await transport.receive()
+                self.parked = False
+                if self.attaching is not None:
+                    await self.attaching
+                    self.attaching = None
                 now = service.now()
                 if limit is not None and _too_big(message, limit):
                     # What the websockets transport's max_size does: close 1009.
@@ -343,8 +360,52 @@ class Session:
         except Ended as end:
             cause, code = end.cause, end.code
         finally:
+            if self.attaching is not None:
+                self.attaching.cancel()
             hub.reader_done(conn, service.now(), cause, code)
             service.dispatch()
+
+    def inline(self, data: bytes | bytearray | memoryview) -> bool:
+        """A complete text frame, from the transport's parser: handle it now if the reader
+        would take it next (module docstring). False: queue it for the reader instead."""
+        if not self.parked or self.attaching is not None or self.authenticating:
+            return False
+        try:
+            text = str(data, "utf-8")
+        except UnicodeDecodeError:
+            return False  # the transport's own close (1007) follows from the reader
+        service, conn = self.service, self.conn
+        hub = service.hub
+        if hub is None or conn is None:
+            return False
+        try:
+            now = service.now()
+            attaching = self._message(text, now) if hub.admit(conn, now) else None
+            if attaching is not None:
+                task = asyncio.ensure_future(attaching)
+                task.add_done_callback(self._attached)
+                self.attaching = task
+            service.dispatch()
+        except Exception as exc:
+            self._failed(exc)
+        return True
+
+    def _attached(self, task: asyncio.Future[None]) -> None:
+        """A subscription taken inline has attached (or failed): what the reader does after
+        awaiting one."""
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is not None:
+            self._failed(exc)
+            return
+        self.service.dispatch()
+
+    def _failed(self, exc: BaseException) -> None:
+        """Inline handling failed (a bug, not peer input): the session ends, as it would had
+        the reader raised; the type is logged, never the text."""
+        log.error("message handling failed: %s", type(exc).__name__)
+        self.transport.abort()
 
     def _message(self, text: str, now: float) -> Awaitable[None] | None:
         """Hand one text frame to the core. Returns an awaitable when the message must wait

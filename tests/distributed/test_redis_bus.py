@@ -19,7 +19,7 @@ from typing import Any
 
 import orjson
 import pytest
-from websockets.asyncio.client import ClientConnection
+from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
 from wirestate.adapters.server import bus as bus_module
@@ -86,6 +86,28 @@ async def test_a_websocket_publish_reaches_the_other_node(tmp_path: Path, redis_
 
 
 # -- a node dies mid-stream ----------------------------------------------------------------
+
+
+async def test_messages_behind_a_subscription_that_waits_for_the_bus_follow_it(
+    tmp_path: Path, redis_url: str
+) -> None:
+    # The subscribe is taken as its frame is parsed and waits for the bus; the publishes
+    # right behind it, in the same write, wait for it and keep their order.
+    t = topic()
+    with nodes(tmp_path, redis_url, 1) as (node,):
+        await ready(node)
+        async with connect(node.url, ping_interval=None, compression=None) as ws:
+            assert (await recv(ws, WAIT))["type"] == "welcome"
+            frames = [orjson.dumps({"type": "subscribe", "topics": [t]}).decode()]
+            frames += [
+                orjson.dumps({"type": "publish", "topic": t, "data": i}).decode() for i in range(5)
+            ]
+            for frame in frames:
+                await ws.send(frame)
+            first = await recv(ws, WAIT)
+            assert first["type"] == "subscribed", first
+            got = await events(ws, 5)
+            assert [e["data"] for e in got] == list(range(5))
 
 
 async def test_clients_of_a_killed_node_resume_on_another_without_loss(

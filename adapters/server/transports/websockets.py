@@ -54,6 +54,7 @@ log = logging.getLogger("wirestate.server")
 FRAME_CACHE: Final = 64
 WS_PATH: Final = "/ws"
 _OPEN: Final = State.OPEN
+_TEXT: Final = Opcode.TEXT
 
 
 class FrameCache:
@@ -259,6 +260,7 @@ class Listener:
                 protocol.__class__ = _CauseProtocol
                 protocol.ping_hook = None  # type: ignore[attr-defined]
                 protocol.fail_hook = None  # type: ignore[attr-defined]
+                self.message_hook: Callable[[bytes | bytearray | memoryview], bool] | None = None
                 super().__init__(protocol, *args, **kwargs)
 
             def connection_made(self, transport: Any) -> None:
@@ -271,6 +273,20 @@ class Listener:
             def connection_lost(self, exc: Exception | None) -> None:
                 opening.discard(self)
                 super().connection_lost(exc)
+
+            def process_event(self, event: Any) -> None:
+                # A whole text frame with nothing queued before it: the session may take
+                # it here, without a wake-up of its reader (Session.inline).
+                hook = self.message_hook
+                if (
+                    hook is not None
+                    and event.opcode is _TEXT
+                    and event.fin
+                    and not self.recv_messages.frames
+                    and hook(event.data)
+                ):
+                    return
+                super().process_event(event)
 
         self.server = await serve(
             self._handle,
@@ -325,6 +341,7 @@ class Listener:
         session = Session(self.service, transport, ws.id.hex[:16], ip, decision)
         ws.protocol.ping_hook = session.admit_ping  # type: ignore[attr-defined]
         ws.protocol.fail_hook = session.protocol_failed  # type: ignore[attr-defined]
+        ws.message_hook = session.inline  # type: ignore[attr-defined]
         return session.run()
 
     async def stop(self, grace: float) -> None:
