@@ -269,9 +269,18 @@ async def test_an_interrupted_client_reports_the_close_it_made(
         assert server.hub is not None
         hub = server.hub
         await until(lambda: any(t == "t" for c in hub.clients.values() for t in c.topics), 20)
+        # The hub holds the subscription as soon as the frame is parsed, before the client
+        # has read `subscribed`: interrupt it once it has printed an event, not before.
+        server.publish_now("t", "marker")
+        assert child.stdout is not None
+        seen = b""
+        async with asyncio.timeout(WAIT * 4):
+            while b"marker" not in seen:
+                seen += await child.stdout.readline()
         child.send_signal(signal.SIGINT)
         async with asyncio.timeout(WAIT * 4):
-            out, _ = await child.communicate()
+            rest, _ = await child.communicate()
+        out = seen + rest
         await until(lambda: hub.stats.disconnects.get("peer_close", 0) == 1)
     assert child.returncode == 130
     assert said in out.decode(), out.decode()
