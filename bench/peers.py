@@ -316,10 +316,20 @@ async def _serve(
 # --------------------------------------------------------------------------- load client
 
 
+async def _connect(port: int, path: str, on_text: Any) -> Any:
+    """A lean client connection, retried while the server's backlog refuses it."""
+    from wirestate.adapters.tools import leanws
+
+    for attempt in range(50):
+        try:
+            return await leanws.connect("127.0.0.1", port, path, on_text=on_text, timeout=30)
+        except OSError:
+            await asyncio.sleep(0.05 * (attempt + 1))
+    raise SystemExit("could not connect")
+
+
 async def _load(mode: str, port: int, n: int, events: int, paced: int, scale: bool) -> None:
     import orjson
-
-    from wirestate.adapters.tools import leanws
 
     _raise_nofile()
     lat: dict[str, list[float]] = {"flat": [], "paced": []}
@@ -388,16 +398,7 @@ async def _load(mode: str, port: int, n: int, events: int, paced: int, scale: bo
         nonlocal welcomed
         box: list[Any] = [None]
         async with sem:
-            for attempt in range(50):
-                try:
-                    conn = await leanws.connect(
-                        "127.0.0.1", port, path, on_text=make_handler(box), timeout=30
-                    )
-                    break
-                except OSError:
-                    await asyncio.sleep(0.05 * (attempt + 1))
-            else:
-                raise SystemExit("could not connect")
+            conn = await _connect(port, path, make_handler(box))
         box[0] = conn
         conns.append(conn)
         if mode in ("ws_broadcast", "ws_send"):
@@ -693,16 +694,7 @@ async def _mt_load(
         async def one(i: int) -> None:
             box: list[Any] = [None]
             async with sem:
-                for attempt in range(50):
-                    try:
-                        conn = await leanws.connect(
-                            "127.0.0.1", port, path, on_text=handler(box, f"t.{i}"), timeout=30
-                        )
-                        break
-                    except OSError:
-                        await asyncio.sleep(0.05 * (attempt + 1))
-                else:
-                    raise SystemExit("could not connect")
+                conn = await _connect(port, path, handler(box, f"t.{i}"))
             box[0] = conn
             conns.append(conn)
             if mode != "wirestate":  # the plain hub sends no welcome

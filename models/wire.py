@@ -254,32 +254,26 @@ def portable(value: Any) -> bool:
     no integer beyond 64 bits (the encoder refuses it), no nesting deeper than
     `MAX_DEPTH`. Iterative: a hostile depth costs no recursion."""
     low, high = INT_RANGE
-    stack: list[tuple[Any, int]] = [(value, 1)]
+    # The value goes in as the only item of a list at depth 0, so that one loop checks it:
+    # containers are pushed, scalars checked where they are met (most data is flat).
+    stack: list[tuple[Any, int]] = [([value], 0)]
     push, pop = stack.append, stack.pop
     while stack:
         item, depth = pop()
-        kind = type(item)
-        if kind is list or kind is dict:
-            if depth > MAX_DEPTH:
-                return False
-            # Scalars are checked here rather than pushed: most data is a flat object.
-            for child in item.values() if kind is dict else item:
-                kind = type(child)
-                if kind is str or child is None or kind is bool:
-                    continue
-                if kind is float:
-                    if child != child or child in (math.inf, -math.inf):
-                        return False
-                elif kind is int:
-                    if not low <= child <= high:
-                        return False
-                else:
-                    push((child, depth + 1))
-        elif kind is float:
-            if item != item or item in (math.inf, -math.inf):
-                return False
-        elif kind is int and not low <= item <= high:
-            return False
+        for child in item.values() if type(item) is dict else item:
+            kind = type(child)
+            if kind is str or child is None or kind is bool:
+                continue
+            if kind is float:
+                if child != child or child in (math.inf, -math.inf):
+                    return False
+            elif kind is int:
+                if not low <= child <= high:
+                    return False
+            elif kind is list or kind is dict:
+                if depth >= MAX_DEPTH:
+                    return False
+                push((child, depth + 1))
     return True
 
 

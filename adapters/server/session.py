@@ -330,7 +330,6 @@ class Session:
         hub = service.hub
         assert hub is not None
         assert conn is not None
-        limit = None if transport.limits_size else service.settings.limits.max_message_size
         cause, code = CloseCause.READ_ERROR, None
         try:
             # receive() rather than iteration: no async generator kept per connection.
@@ -341,21 +340,9 @@ class Session:
                 if self.attaching is not None:
                     await self.attaching
                     self.attaching = None
-                now = service.now()
-                if limit is not None and _too_big(message, limit):
-                    # What the websockets transport's max_size does: close 1009.
-                    hub.close(conn, CloseCause.MESSAGE_TOO_BIG, now)
-                    service.dispatch()
-                    continue
-                if not hub.admit(conn, now):
-                    service.dispatch()
-                    continue
-                if isinstance(message, bytes):
-                    hub.bad_input(conn, ErrorCode.INVALID_MESSAGE, BINARY_MESSAGE, now)
-                else:
-                    attaching = self._message(message, now)
-                    if attaching is not None:
-                        await attaching
+                attaching = self._take(message, service.now())
+                if attaching is not None:
+                    await attaching
                 service.dispatch()
         except Ended as end:
             cause, code = end.cause, end.code
@@ -374,13 +361,9 @@ class Session:
             text = str(data, "utf-8")
         except UnicodeDecodeError:
             return False  # the transport's own close (1007) follows from the reader
-        service, conn = self.service, self.conn
-        hub = service.hub
-        if hub is None or conn is None:
-            return False
+        service = self.service
         try:
-            now = service.now()
-            attaching = self._message(text, now) if hub.admit(conn, now) else None
+            attaching = self._take(text, service.now())
             if attaching is not None:
                 task = asyncio.ensure_future(attaching)
                 task.add_done_callback(self._attached)
@@ -389,6 +372,27 @@ class Session:
         except Exception as exc:
             self._failed(exc)
         return True
+
+    def _take(self, message: str | bytes, now: float) -> Awaitable[None] | None:
+        """One message from the peer, from the reader or inline: its size (where the
+        transport does not limit it), the rate limit, then the core. Returns what must be
+        awaited before the next message (`_message`). The caller dispatches."""
+        service, conn = self.service, self.conn
+        hub = service.hub
+        assert hub is not None
+        assert conn is not None
+        if not self.transport.limits_size and _too_big(
+            message, service.settings.limits.max_message_size
+        ):
+            # What the websockets transport's max_size does: close 1009.
+            hub.close(conn, CloseCause.MESSAGE_TOO_BIG, now)
+            return None
+        if not hub.admit(conn, now):
+            return None
+        if isinstance(message, bytes):
+            hub.bad_input(conn, ErrorCode.INVALID_MESSAGE, BINARY_MESSAGE, now)
+            return None
+        return self._message(message, now)
 
     def _attached(self, task: asyncio.Future[None]) -> None:
         """A subscription taken inline has attached (or failed): what the reader does after
