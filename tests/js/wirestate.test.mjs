@@ -31,6 +31,15 @@ async function started(options = {}, envOptions = {}) {
   return { ...fake, client, log, states, errors };
 }
 
+/** Drop `ws` with `code` (and `reason`), let the 100 ms backoff pass, welcome the new socket. */
+async function reconnected(t, ws, code, reason) {
+  ws.drop(code, reason);
+  await t.clock.advance(100);
+  const next = t.sockets.last;
+  next.welcome();
+  return next;
+}
+
 function follow(client, topic, log) {
   return client.subscribe(topic, {
     event: (e) => log.push(["event", e.topic, e.seq]),
@@ -104,10 +113,7 @@ test("without subscribed.seq it resumes from the last seq received, 0 before any
   let ws = t.sockets.last;
   ws.welcome();
   ws.deliver(subscribed("quiet", "e1")); // an older hub: no position
-  ws.drop(1006);
-  await t.clock.advance(100);
-  ws = t.sockets.last;
-  ws.welcome();
+  ws = await reconnected(t, ws, 1006);
   assert.deepEqual(ws.subscribes(), [
     { type: "subscribe", topics: ["quiet"], since: { quiet: { seq: 0, epoch: "e1" } } },
   ]);
@@ -143,10 +149,7 @@ test("a new epoch restarts the numbering: epoch_changed gap, then the new seqs",
   ws.deliver(subscribed("orders", "old", 0));
   ws.deliver(ev("orders", 1));
   ws.deliver(ev("orders", 2));
-  ws.drop(1001, "shutdown");
-  await t.clock.advance(100);
-  ws = t.sockets.last;
-  ws.welcome();
+  ws = await reconnected(t, ws, 1001, "shutdown");
   assert.deepEqual(ws.subscribes()[0].since, { orders: { seq: 2, epoch: "old" } });
   ws.deliver({ ...subscribed("orders", "new", 1), recovered: { orders: false } });
   ws.deliver({ type: "gap", topic: "orders", from_seq: null, to_seq: null, reason: "epoch_changed" });
@@ -159,9 +162,7 @@ test("a new epoch restarts the numbering: epoch_changed gap, then the new seqs",
     ["event", "orders", 1],
     ["event", "orders", 2],
   ]);
-  ws.drop(1006);
-  await t.clock.advance(100);
-  t.sockets.last.welcome();
+  await reconnected(t, ws, 1006);
   assert.deepEqual(t.sockets.last.subscribes()[0].since, { orders: { seq: 2, epoch: "new" } });
   t.client.close();
 });
@@ -174,15 +175,10 @@ test("a cut between subscribed and the epoch_changed gap resumes in the old epoc
   ws.deliver(subscribed("orders", "old", 0));
   ws.deliver(ev("orders", 1));
   ws.deliver(ev("orders", 2));
-  ws.drop(1001, "shutdown");
-  await t.clock.advance(100);
-  ws = t.sockets.last;
-  ws.welcome();
+  ws = await reconnected(t, ws, 1001, "shutdown");
   ws.deliver({ ...subscribed("orders", "new", 0), recovered: { orders: false } });
-  ws.drop(1006); // before the epoch_changed gap
-  await t.clock.advance(100);
-  ws = t.sockets.last;
-  ws.welcome();
+  // cut before the epoch_changed gap arrives
+  ws = await reconnected(t, ws, 1006);
   assert.deepEqual(ws.subscribes()[0].since, { orders: { seq: 2, epoch: "old" } });
   ws.deliver({ ...subscribed("orders", "new", 0), recovered: { orders: false } });
   ws.deliver({ type: "gap", topic: "orders", from_seq: null, to_seq: null, reason: "epoch_changed" });
@@ -193,9 +189,7 @@ test("a cut between subscribed and the epoch_changed gap resumes in the old epoc
     ["gap", "orders", null, null, "epoch_changed"],
     ["event", "orders", 1],
   ]);
-  ws.drop(1006);
-  await t.clock.advance(100);
-  t.sockets.last.welcome();
+  await reconnected(t, ws, 1006);
   assert.deepEqual(t.sockets.last.subscribes()[0].since, { orders: { seq: 1, epoch: "new" } });
   t.client.close();
 });
@@ -206,15 +200,10 @@ test("a position from the old epoch is forgotten: the resume uses the new one's"
   let ws = t.sockets.last;
   ws.welcome();
   ws.deliver(subscribed("quiet", "old", 7)); // seq 7 of the old numbering, nothing received
-  ws.drop(1006);
-  await t.clock.advance(100);
-  ws = t.sockets.last;
-  ws.welcome();
+  ws = await reconnected(t, ws, 1006);
   ws.deliver({ ...subscribed("quiet", "new", 1), recovered: { quiet: false } });
   ws.deliver({ type: "gap", topic: "quiet", from_seq: null, to_seq: null, reason: "epoch_changed" });
-  ws.drop(1006);
-  await t.clock.advance(100);
-  t.sockets.last.welcome();
+  await reconnected(t, ws, 1006);
   assert.deepEqual(t.sockets.last.subscribes()[0].since, { quiet: { seq: 1, epoch: "new" } });
   t.client.close();
 });
@@ -250,9 +239,7 @@ test("states go connecting, open, reconnecting, open, closed", async () => {
   const t = await started({ backoff: { base: 0.1, cap: 1 } });
   assert.equal(t.client.state, "connecting");
   t.sockets.last.welcome();
-  t.sockets.last.drop(1006);
-  await t.clock.advance(100);
-  t.sockets.last.welcome();
+  await reconnected(t, t.sockets.last, 1006);
   t.client.close();
   assert.deepEqual(t.states, ["open", "reconnecting", "open", "closed"]);
 });

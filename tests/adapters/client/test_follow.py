@@ -25,6 +25,23 @@ async def server() -> WirestateServer:  # type: ignore[misc]
         yield srv
 
 
+def following(
+    url: str, count: int, out: io.StringIO, err: io.StringIO, *, json_lines: bool = True
+) -> asyncio.Task[int]:
+    """`follow` of topic ``t`` in a task, retrying fast, until ``count`` events."""
+    return asyncio.create_task(
+        follow(
+            url,
+            ["t"],
+            count=count,
+            json_lines=json_lines,
+            out=out,
+            err=err,
+            backoff=Backoff(base=0.01, cap=0.05, attempts=20),
+        )
+    )
+
+
 async def subscribed(srv: WirestateServer) -> None:
     def ready() -> bool:
         topic = srv.hub.topics.get("t") if srv.hub else None
@@ -35,17 +52,7 @@ async def subscribed(srv: WirestateServer) -> None:
 
 async def test_follow_resumes_across_a_cut_with_no_duplicate(server: WirestateServer) -> None:
     out, err = io.StringIO(), io.StringIO()
-    task = asyncio.create_task(
-        follow(
-            server.url,
-            ["t"],
-            count=6,
-            json_lines=True,
-            out=out,
-            err=err,
-            backoff=Backoff(base=0.01, cap=0.05, attempts=20),
-        )
-    )
+    task = following(server.url, 6, out, err)
     await subscribed(server)
     for i in range(3):
         await server.publish("t", {"i": i})
@@ -66,17 +73,7 @@ async def test_follow_resumes_a_topic_that_delivered_nothing_before_the_cut(
     server: WirestateServer,
 ) -> None:
     out, err = io.StringIO(), io.StringIO()
-    task = asyncio.create_task(
-        follow(
-            server.url,
-            ["t"],
-            count=3,
-            json_lines=True,
-            out=out,
-            err=err,
-            backoff=Backoff(base=0.01, cap=0.05, attempts=20),
-        )
-    )
+    task = following(server.url, 3, out, err)
     await subscribed(server)
     # Cut right after subscribed, then publish before the loop turns: the client cannot be
     # back yet, so the three events reach it only through an exact resume (a resubscribe
@@ -130,16 +127,7 @@ async def test_follow_prints_a_gap_for_what_history_lost() -> None:
     settings = Settings.model_validate({"server": {"port": 0}, "history": {"size": 1}})
     async with WirestateServer(settings, epoch="gaps") as srv:
         out, err = io.StringIO(), io.StringIO()
-        task = asyncio.create_task(
-            follow(
-                srv.url,
-                ["t"],
-                count=2,
-                out=out,
-                err=err,
-                backoff=Backoff(base=0.01, cap=0.05, attempts=20),
-            )
-        )
+        task = following(srv.url, 2, out, err, json_lines=False)
         await subscribed(srv)
         await srv.publish("t", {"i": 0})
         await until(lambda: "t #1 " in out.getvalue(), WAIT)
