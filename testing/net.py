@@ -215,7 +215,7 @@ def frame(opcode: int, payload: bytes, *, fin: bool = True, rsv: int = 0) -> byt
     return head + key + payload
 
 
-TEXT, BINARY, CLOSE, PING = 0x1, 0x2, 0x8, 0x9
+TEXT, BINARY, CLOSE, PING, PONG = 0x1, 0x2, 0x8, 0x9, 0xA
 
 
 async def raw_upgrade(

@@ -441,7 +441,7 @@ class WirestateServer:
             session = sessions.get(action.client_id)
             match action:
                 case Ping():
-                    if session is not None:
+                    if session is not None and not session.ping_now():
                         session.ping_due = True
                         session.wake()
                 case Close():

@@ -36,7 +36,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from wirestate.adapters.server.auth import OPEN, AuthError, Grants
@@ -108,6 +108,10 @@ class Transport(Protocol):
 
     async def ping(self) -> Awaitable[object]:
         """Send a protocol ping; the awaitable it returns completes when its pong arrives."""
+
+    def ping_now(self, answered: Callable[[], None]) -> bool:
+        """Write a protocol ping at once, without waiting, and call ``answered`` when its
+        pong arrives; False when it cannot be written so (the writer then uses ``ping``)."""
 
     async def close(self, code: int, reason: str) -> None:
         """The closing handshake, bounded by the transport."""
@@ -545,7 +549,7 @@ class Session:
                     else:
                         async with asyncio.timeout(timeout):
                             pong = await transport.ping()
-                        asyncio.ensure_future(pong).add_done_callback(self._pong)
+                        asyncio.ensure_future(pong).add_done_callback(self._ponged)
                 if self.close is not None:
                     close = self.close
                     await transport.close(close.code, close.reason)
@@ -560,9 +564,20 @@ class Session:
             hub.writer_done(conn, service.now(), cause)
             service.dispatch()
 
-    def _pong(self, fut: asyncio.Future[object]) -> None:
-        if fut.cancelled() or fut.exception() is not None:
-            return
+    def ping_now(self) -> bool:
+        """The core's ping, written here and now when the writer is parked with nothing in
+        flight (as the flush writes events on its behalf): no writer wake-up, no future, no
+        timeout per ping. False: the writer sends it (``ping_due``)."""
+        if not self.idle or self.pending or self.transport.keeps_alive:
+            return False
+        return self.transport.ping_now(self._answered)
+
+    def _ponged(self, fut: asyncio.Future[object]) -> None:
+        if not fut.cancelled() and fut.exception() is None:
+            self._answered()
+
+    def _answered(self) -> None:
+        """The pong of the core's last ping arrived."""
         service = self.service
         if service.hub is not None and self.conn is not None:
             service.hub.pong_received(self.conn, service.now())

@@ -347,6 +347,9 @@ class AsgiTransport:
     async def ping(self) -> Awaitable[object]:  # pragma: no cover - keeps_alive
         raise AssertionError("an ASGI connection is kept alive by its server")
 
+    def ping_now(self, answered: Callable[[], None]) -> bool:  # pragma: no cover - keeps_alive
+        raise AssertionError("an ASGI connection is kept alive by its server")
+
     async def close(self, code: int, reason: str) -> None:
         if self.disconnected:
             return

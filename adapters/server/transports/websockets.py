@@ -101,7 +101,7 @@ def read_end(exc: ConnectionClosed) -> Ended:
 class WebsocketsTransport:
     """A websockets connection as a session's `Transport`."""
 
-    __slots__ = ("cache", "ws")
+    __slots__ = ("answered", "cache", "pings", "ws")
 
     keeps_alive = False
     limits_size = True  # websockets' max_size
@@ -109,6 +109,9 @@ class WebsocketsTransport:
     def __init__(self, ws: ServerConnection, cache: FrameCache) -> None:
         self.ws = ws
         self.cache = cache
+        #: The payload of the last ping `ping_now` wrote, and who waits for its pong.
+        self.answered: tuple[bytes, Callable[[], None]] | None = None
+        self.pings = 0
 
     def peer(self) -> tuple[str, int] | None:
         try:
@@ -165,6 +168,27 @@ class WebsocketsTransport:
         except ConnectionClosed:
             raise Ended() from None
 
+    def ping_now(self, answered: Callable[[], None]) -> bool:
+        # The ping frame written as `write` writes events: no future, no timeout, no
+        # wake-up of the writer (at 10,000 connections and 30 s, 333 pings a second). Its
+        # payload is a per-connection counter; a pong carrying anything else (an
+        # unsolicited one, or the answer to an older ping) answers nothing.
+        ws = self.ws
+        if ws.protocol.writes or not self.ready():
+            return False
+        self.pings = pings = (self.pings + 1) & 0xFFFFFFFF
+        data = pings.to_bytes(4, "big")
+        self.answered = (data, answered)
+        ws.transport.write(b"\x89\x04" + data)
+        return True
+
+    def pong(self, data: bytes | bytearray | memoryview) -> None:
+        """A pong frame arrived (from the protocol's parser)."""
+        waiting = self.answered
+        if waiting is not None and waiting[0] == data:
+            self.answered = None
+            waiting[1]()
+
     async def close(self, code: int, reason: str) -> None:
         # Bounded by websockets' own close_timeout (the server's close timeout).
         await self.ws.close(code, reason)
@@ -175,15 +199,18 @@ class WebsocketsTransport:
 
 
 class _CauseProtocol(ServerProtocol):
-    """websockets' protocol, with two changes. A close it decides itself (a frame over
+    """websockets' protocol, with three changes. A close it decides itself (a frame over
     ``max_size``, a protocol error, invalid UTF-8: inside its parser, before any wirestate
     code runs) carries the close cause as its reason instead of websockets' own sentence.
     And a protocol ping is answered only when ``ping_hook`` admits it: pings count against
-    the client's inbound rate, and no pong is queued for a peer that does not read. Swapped
-    in per connection by class."""
+    the client's inbound rate, and no pong is queued for a peer that does not read. And each
+    pong is shown to ``pong_hook`` (the transport's pings, `WebsocketsTransport.ping_now`,
+    are not websockets' own). Swapped in per connection by class."""
 
     #: The session's check for each ping (None until the session exists: answered).
     ping_hook: Callable[[], bool] | None
+    #: Told of each pong frame (None until the session exists).
+    pong_hook: Callable[[bytes | bytearray | memoryview], None] | None
     #: Told at once when the protocol layer fails the connection with one of its own
     #: causes: the close is recorded now, not when the peer gets round to closing TCP.
     fail_hook: Callable[[CloseCause, int], None] | None
@@ -196,10 +223,15 @@ class _CauseProtocol(ServerProtocol):
             hook(cause, int(code))
 
     def recv_frame(self, frame: Frame) -> None:
-        if frame.opcode is Opcode.PING:
+        opcode = frame.opcode
+        if opcode is Opcode.PING:
             hook = self.ping_hook
             if hook is not None and not hook():
                 return  # refused: counted by the rate limit, and no pong queued
+        elif opcode is Opcode.PONG:
+            pong = self.pong_hook
+            if pong is not None:
+                pong(frame.data)
         super().recv_frame(frame)
 
 
@@ -259,6 +291,7 @@ class Listener:
             def __init__(self, protocol: ServerProtocol, *args: Any, **kwargs: Any) -> None:
                 protocol.__class__ = _CauseProtocol
                 protocol.ping_hook = None  # type: ignore[attr-defined]
+                protocol.pong_hook = None  # type: ignore[attr-defined]
                 protocol.fail_hook = None  # type: ignore[attr-defined]
                 self.message_hook: Callable[[bytes | bytearray | memoryview], bool] | None = None
                 super().__init__(protocol, *args, **kwargs)
@@ -341,6 +374,7 @@ class Listener:
         session = Session(self.service, transport, ws.id.hex[:16], ip, decision)
         ws.protocol.ping_hook = session.admit_ping  # type: ignore[attr-defined]
         ws.protocol.fail_hook = session.protocol_failed  # type: ignore[attr-defined]
+        ws.protocol.pong_hook = transport.pong  # type: ignore[attr-defined]
         ws.message_hook = session.inline  # type: ignore[attr-defined]
         return session.run()
 

@@ -4,7 +4,7 @@ shutdown re-check, and shutdown ending with a handler that would never end by it
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from wirestate.adapters.server import WirestateServer
@@ -61,6 +61,9 @@ class FakeTransport:
         self.sent.extend(frames)
 
     async def ping(self) -> Awaitable[object]:  # pragma: no cover - keeps_alive
+        raise AssertionError
+
+    def ping_now(self, answered: Callable[[], None]) -> bool:  # pragma: no cover - keeps_alive
         raise AssertionError
 
     async def close(self, code: int, reason: str) -> None:
