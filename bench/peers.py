@@ -114,8 +114,11 @@ class _Target:
 
 
 class _Wirestate(_Target):
-    def __init__(self, limits: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self, limits: dict[str, Any] | None = None, server: dict[str, Any] | None = None
+    ) -> None:
         self.limits = limits or {}
+        self.server_keys = server or {}
 
     async def start(self, port: int) -> None:
         from wirestate.adapters.server import WirestateServer
@@ -128,6 +131,7 @@ class _Wirestate(_Target):
                     "send_queue_size": 1024,
                     # the latency knob's curve (docs/performance.md): seconds per flush turn
                     "flush_slice": float(os.environ.get("WIRESTATE_BENCH_FLUSH_SLICE", "0")),
+                    **self.server_keys,
                 },
                 "limits": {
                     "max_connections": 100_000,
@@ -484,9 +488,15 @@ def _floor_frame() -> bytes:
 
 def _proc_cpu(pid: int) -> float:
     """User + system CPU seconds of a process (every thread), from /proc/<pid>/stat."""
+    return sum(_proc_cpu_split(pid))
+
+
+def _proc_cpu_split(pid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds of a process (every thread), from /proc/<pid>/stat."""
     text = Path(f"/proc/{pid}/stat").read_text()
     fields = text[text.rindex(")") + 2 :].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
 
 
 async def _stdin_line() -> str:
@@ -505,9 +515,16 @@ async def _until_closed(ws: Any) -> Any:
         return
 
 
-async def _plain_hub(port: int) -> Any:
+def _ping_timeout(interval: float) -> float:
+    """Both servers' pong timeout for a ping interval: wirestate's default 10 s, or the
+    interval itself when shorter."""
+    return min(10.0, interval)
+
+
+async def _plain_hub(port: int, ping_interval: float) -> Any:
     """The plain server: parses each publish, keeps topic -> connections, forwards with
-    broadcast(). No backpressure, no history, no seq gap detection: the least a hub does."""
+    broadcast(). No backpressure, no history, no seq gap detection: the least a hub does.
+    Keep-alive as websockets runs it (its own pings), at wirestate's interval."""
     import orjson
     from websockets.asyncio.server import broadcast, serve
 
@@ -538,19 +555,27 @@ async def _plain_hub(port: int) -> Any:
             for topic in mine:
                 subscribers[topic].discard(ws)
 
-    return await serve(handler, "127.0.0.1", port, compression=None, ping_interval=None)
+    return await serve(
+        handler,
+        "127.0.0.1",
+        port,
+        compression=None,
+        ping_interval=ping_interval,
+        ping_timeout=_ping_timeout(ping_interval),
+    )
 
 
-async def _mt_serve(mode: str, port: int) -> None:
+async def _mt_serve(mode: str, port: int, ping_interval: float) -> None:
     """wirestate or the plain hub, until the orchestrator closes stdin."""
     _raise_nofile()
     if mode == "wirestate":
         # The publisher sends thousands of messages a second; subscribers one each.
-        target = _Wirestate(limits={"messages_per_second": 1e6})
+        keepalive = {"ping_interval": ping_interval, "ping_timeout": _ping_timeout(ping_interval)}
+        target = _Wirestate(limits={"messages_per_second": 1e6}, server=keepalive)
         await target.start(port)
         stop = target.stop
     else:
-        server = await _plain_hub(port)
+        server = await _plain_hub(port, ping_interval)
 
         async def stop() -> None:
             server.close()
@@ -723,6 +748,7 @@ async def _mt_load(
     _emit({"ready": n})
     await _stdin_line()
     cpu0 = time.process_time()
+    pings0 = 0 if mode == "floor" else sum(c.pings for c in conns)
     start = now()
     if mode != "floor":
         own = 0
@@ -741,11 +767,13 @@ async def _mt_load(
     except TimeoutError:
         pass
     cpu = time.process_time() - cpu0
+    pings = 0
     if mode == "floor":
         received = got_bytes // frame_size
         for t in transports:
             t.abort()
     else:
+        pings = sum(c.pings for c in conns) - pings0
         for c in conns:
             c.abort()
         publisher.abort()
@@ -766,18 +794,27 @@ async def _mt_load(
             "single_p99_ms": sp99,
             "errors": errors,
             "client_busy": cpu / span,
+            "pings": pings,
         }
     )
 
 
 def mt_run(
-    target: str, loop: str, n: int, rate: float, every: int, duration: float
+    target: str,
+    loop: str,
+    n: int,
+    rate: float,
+    every: int,
+    duration: float,
+    ping_interval: float,
+    drain: float,
 ) -> dict[str, Any]:
     """One measurement of the many-topics workload: the server child's CPU from "go" until
     the client has every delivery (or gave up draining)."""
     port = _free_port()
     flags = ["--mode", target, "--port", str(port), "-n", str(n), "--rate", str(rate)]
     flags += ["--every", str(every), "--duration", str(duration)]
+    flags += ["--ping-interval", str(ping_interval), "--drain", str(drain)]
     role = "mt-floor" if target == "floor" else "mt-server"
     server = subprocess.Popen(
         _pinned(0, loop, "--role", role, *flags),
@@ -801,14 +838,16 @@ def mt_run(
         json.loads(client.stdout.readline())  # every client connected and subscribed
         if target == "floor":
             json.loads(server.stdout.readline())  # every connection accepted
-        cpu0 = _proc_cpu(server.pid)
+        user0, sys0 = _proc_cpu_split(server.pid)
         client.stdin.write("go\n")
         client.stdin.flush()
         if target == "floor":
             server.stdin.write("go\n")
             server.stdin.flush()
         result: dict[str, Any] = json.loads(client.stdout.readline())
-        result["cpu_s"] = _proc_cpu(server.pid) - cpu0
+        user1, sys1 = _proc_cpu_split(server.pid)
+        result["user_s"], result["sys_s"] = user1 - user0, sys1 - sys0
+        result["cpu_s"] = result["user_s"] + result["sys_s"]
         if target == "floor":
             result.update(json.loads(server.stdout.readline()))
         server.stdin.close()
@@ -820,6 +859,8 @@ def mt_run(
                 child.kill()
                 child.wait()
     result["us_per_delivery"] = result["cpu_s"] / max(result["received"], 1) * 1e6
+    result["sys_us_per_delivery"] = result["sys_s"] / max(result["received"], 1) * 1e6
+    result["us_per_ping"] = result["cpu_s"] / max(result["pings"], 1) * 1e6
     if target == "floor":
         # The floor is the send itself: its process CPU also counts the pacing loop.
         result["process_us_per_delivery"] = result["us_per_delivery"]
@@ -893,9 +934,10 @@ def main() -> int:
     )
     ap.add_argument(
         "--workload",
-        choices=("fanout", "many-topics"),
+        choices=("fanout", "many-topics", "keepalive"),
         default="fanout",
-        help="fanout: the peers table (default); many-topics: a topic per client",
+        help="fanout: the peers table (default); many-topics: a topic per client;"
+        " keepalive: idle connections, server CPU per ping",
     )
     ap.add_argument("--mode", default="wirestate")
     ap.add_argument("--modes", default="wirestate,ws_broadcast,ws_send,socketio")
@@ -928,6 +970,12 @@ def main() -> int:
     )
     ap.add_argument("--duration", type=float, default=20.0, help="many-topics: seconds")
     ap.add_argument(
+        "--ping-interval",
+        type=float,
+        help="many-topics, keepalive: both servers' ping interval (30 s, wirestate's"
+        " default; keepalive: 2 s)",
+    )
+    ap.add_argument(
         "--drain",
         type=float,
         default=120.0,
@@ -947,7 +995,9 @@ def main() -> int:
 
         uvloop.install()
     if args.n is None:
-        args.n = 10_000 if args.workload == "many-topics" else 1000
+        args.n = 1000 if args.workload == "fanout" else 10_000
+    if args.ping_interval is None:
+        args.ping_interval = 2.0 if args.workload == "keepalive" else 30.0
     if args.role == "server":
         asyncio.run(
             _serve(
@@ -959,7 +1009,7 @@ def main() -> int:
         asyncio.run(_load(args.mode, args.port, args.n, args.events, args.paced, args.scale_run))
         return 0
     if args.role == "mt-server":
-        asyncio.run(_mt_serve(args.mode, args.port))
+        asyncio.run(_mt_serve(args.mode, args.port, args.ping_interval))
         return 0
     if args.role == "mt-floor":
         _floor(args.port, args.n, args.rate, args.every, args.duration)
@@ -971,6 +1021,8 @@ def main() -> int:
         return 0
     if args.workload == "many-topics":
         return many_topics(args)
+    if args.workload == "keepalive":
+        return keepalive(args)
 
     hard = _raise_nofile()
     modes = [m for m in args.modes.split(",") if m]
@@ -1086,12 +1138,21 @@ def many_topics(args: argparse.Namespace) -> int:
     raw: dict[str, list[dict[str, Any]]] = {f"{lp}/{t}": [] for lp, t in rows}
     for r in range(args.runs):
         for lp, t in rows:
+            loop = "asyncio" if lp == "-" else lp
             res = mt_run(
-                t, "asyncio" if lp == "-" else lp, args.n, args.rate, args.every, args.duration
+                t,
+                loop,
+                args.n,
+                args.rate,
+                args.every,
+                args.duration,
+                args.ping_interval,
+                args.drain,
             )
             raw[f"{lp}/{t}"].append(res)
             print(
-                f"run {r + 1} {lp}/{t}: {res['us_per_delivery']:.2f} us/delivery,"
+                f"run {r + 1} {lp}/{t}: {res['us_per_delivery']:.2f} us/delivery"
+                f" ({res['sys_us_per_delivery']:.2f} system),"
                 f" {res['deliveries_per_s']:,.0f} deliveries/s,"
                 f" {res['received']:,}/{res['expected']:,} received,"
                 f" client busy {res['client_busy']:.0%}",
@@ -1107,6 +1168,7 @@ def many_topics(args: argparse.Namespace) -> int:
             "rate": args.rate,
             "every": args.every,
             "duration": args.duration,
+            "ping_interval": args.ping_interval,
             "publishes": publishes,
             "shared_publishes": shared,
             "deliveries": deliveries,
@@ -1116,6 +1178,7 @@ def many_topics(args: argparse.Namespace) -> int:
     }
     keys = ("us_per_delivery", "deliveries_per_s", "publishes_per_s", "p50_ms", "p99_ms")
     keys += ("single_p50_ms", "single_p99_ms", "client_busy", "process_us_per_delivery")
+    keys += ("sys_us_per_delivery",)
     for lp, t in rows:
         rs = raw[f"{lp}/{t}"]
         med: dict[str, Any] = {k: _median([x.get(k) for x in rs]) for k in keys}
@@ -1136,6 +1199,70 @@ def many_topics(args: argparse.Namespace) -> int:
     return _emit_report(args, report, md)
 
 
+def keepalive(args: argparse.Namespace) -> int:
+    """Idle connections kept alive: the many-topics clients (each subscribed, nothing
+    published), both servers pinging every ``--ping-interval`` for ``--duration`` seconds;
+    the server's CPU per ping answered, and what that makes at 30 s (wirestate's default)."""
+    _raise_nofile()
+    targets = [t for t in args.targets.split(",") if t and t != "floor"]
+    loops = [lp for lp in args.loops.split(",") if lp]
+    raw: dict[str, list[dict[str, Any]]] = {f"{lp}/{t}": [] for lp in loops for t in targets}
+    for r in range(args.runs):
+        for lp in loops:
+            for t in targets:
+                ping, seconds = args.ping_interval, args.duration
+                res = mt_run(t, lp, args.n, 0.0, 0, seconds, ping, seconds)
+                raw[f"{lp}/{t}"].append(res)
+                print(
+                    f"run {r + 1} {lp}/{t}: {res['us_per_ping']:.2f} us/ping,"
+                    f" {res['pings']:,} pings answered in {args.duration:g} s",
+                    file=sys.stderr,
+                    flush=True,
+                )
+    report: dict[str, Any] = {
+        "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
+        "workload": "keepalive",
+        "params": {
+            "clients": args.n,
+            "ping_interval": args.ping_interval,
+            "duration": args.duration,
+        },
+        "runs": args.runs,
+        "results": {},
+    }
+    for lp in loops:
+        row = report["results"].setdefault(lp, {})
+        for t in targets:
+            rs = raw[f"{lp}/{t}"]
+            us = _median([x["us_per_ping"] for x in rs])
+            assert us is not None
+            row[t] = {
+                "us_per_ping": us,
+                "pings": _median([x["pings"] for x in rs]),
+                # One ping per connection per 30 s, as a share of one core.
+                "idle_core_share_at_30s": us * 1e-6 * args.n / 30.0,
+            }
+        if "wirestate" in row and "ws_plain" in row:
+            row["wirestate"]["vs_plain"] = (
+                row["wirestate"]["us_per_ping"] / row["ws_plain"]["us_per_ping"]
+            )
+    lines = [
+        f"{args.n:,} idle connections, a ping every {args.ping_interval:g} s for"
+        f" {args.duration:g} s",
+        "",
+        "| loop | server | CPU us/ping | pings answered | idle CPU at 30 s | vs plain |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for lp, row in report["results"].items():
+        for t, m in row.items():
+            vs = m.get("vs_plain")
+            lines.append(
+                f"| {lp} | {t} | {m['us_per_ping']:.1f} | {m['pings']:,.0f} |"
+                f" {m['idle_core_share_at_30s']:.1%} | {'' if vs is None else f'{vs:.2f}x'} |"
+            )
+    return _emit_report(args, report, "\n".join(lines) + "\n")
+
+
 def mt_markdown(report: dict[str, Any]) -> str:
     def ms(a: float | None, b: float | None) -> str:
         return "" if a is None or b is None else f"{a:.1f} / {b:.1f}"
@@ -1147,16 +1274,20 @@ def mt_markdown(report: dict[str, Any]) -> str:
     lines = [
         f"{p['clients']:,} clients, {p['rate']:,.0f} publishes/s for {p['duration']:g} s,"
         + (f" one in {p['every']} shared" if p["every"] else " none shared")
-        + f": {p['deliveries']:,} deliveries",
+        + f": {p['deliveries']:,} deliveries"
+        + (f"; pings every {p['ping_interval']:g} s" if "ping_interval" in p else ""),
         "",
-        "| loop | server | CPU us/delivery | deliveries/s | p50 / p99 ms |"
+        "| loop | server | CPU us/delivery | of it system | deliveries/s | p50 / p99 ms |"
         " own-topic p50 / p99 ms | lost | client busy | vs plain | vs floor |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for lp, row in report["results"].items():
         for t, m in row.items():
+            # The floor's system time is its whole process's (pacing included): not shown.
+            system = "" if t == "floor" else f"{m['sys_us_per_delivery']:.2f}"
             lines.append(
-                f"| {lp} | {t} | {m['us_per_delivery']:.2f} | {m['deliveries_per_s']:,.0f} |"
+                f"| {lp} | {t} | {m['us_per_delivery']:.2f} | {system} |"
+                f" {m['deliveries_per_s']:,.0f} |"
                 f" {ms(m['p50_ms'], m['p99_ms'])} |"
                 f" {ms(m['single_p50_ms'], m['single_p99_ms'])} | {m['lost']} |"
                 f" {m['client_busy']:.0%} | {x(m.get('vs_plain'))} | {x(m.get('vs_floor'))} |"

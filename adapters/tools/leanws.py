@@ -123,7 +123,8 @@ class LeanConnection(asyncio.Protocol):
 
     Attributes: ``closed`` resolves with ``(code, reason)`` once the connection has ended
     (module docstring: what the values mean); ``frames_received`` counts every frame read
-    (data, continuation and control frames). Not reusable after it has ended.
+    (data, continuation and control frames), ``pings`` the server's pings it answered. Not
+    reusable after it has ended.
     """
 
     __slots__ = (
@@ -152,6 +153,7 @@ class LeanConnection(asyncio.Protocol):
         "_transport",
         "closed",
         "frames_received",
+        "pings",
     )
 
     def __init__(
@@ -192,6 +194,7 @@ class LeanConnection(asyncio.Protocol):
         self._lost = False  # TCP ended before `_start` ran
         self.closed: asyncio.Future[tuple[int | None, str]] = loop.create_future()
         self.frames_received = 0
+        self.pings = 0
 
     # -- public API ------------------------------------------------------------------------
 
@@ -419,6 +422,7 @@ class LeanConnection(asyncio.Protocol):
             elif opcode == _OP_PING:
                 if not self._closing and self._transport is not None:
                     self._transport.write(_client_frame(_OP_PONG, payload))
+                    self.pings += 1
             elif opcode == _OP_CLOSE:
                 self._close_frame(payload)
             elif opcode != _OP_PONG:
