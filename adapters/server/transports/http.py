@@ -127,6 +127,7 @@ class HttpServerConnection(ServerConnection):
         "_mode",
         "_parser",
         "_waiter",
+        "frames_seen",
     )
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -147,12 +148,16 @@ class HttpServerConnection(ServerConnection):
         self._eof = False
         self._lingering = False
         self._born = self.loop.time()
+        #: Bytes past the upgrade request reached websockets' frame parser (with the request,
+        #: or in a later read): where that parser stands is then its own business.
+        self.frames_seen = False
 
     # -- asyncio.Protocol ---------------------------------------------------------------
 
     def data_received(self, data: bytes) -> None:
         mode = self._mode
         if mode is _Mode.WEBSOCKET:
+            self.frames_seen = True
             super().data_received(data)
             return
         parser = self._parser
@@ -195,6 +200,7 @@ class HttpServerConnection(ServerConnection):
         """The head is a WebSocket upgrade: websockets takes it, and the connection."""
         self._mode = _Mode.WEBSOCKET
         head, self._head, self._parser = bytes(self._head), bytearray(), None
+        self.frames_seen = len(head) > head.find(b"\r\n\r\n") + 4
         super().data_received(head)
 
     def eof_received(self) -> bool | None:  # type: ignore[override]

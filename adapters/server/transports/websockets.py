@@ -36,6 +36,11 @@ from websockets.http11 import Request, Response
 from websockets.protocol import State
 from websockets.server import ServerProtocol
 
+try:
+    from websockets.speedups import apply_mask
+except ImportError:  # pragma: no cover - websockets built without its C extension
+    from websockets.utils import apply_mask
+
 from wirestate.adapters.server.admission import Refusal, RefusalReason
 from wirestate.adapters.server.auth import Grants, token_from_request
 from wirestate.adapters.server.session import Ended, Session
@@ -288,13 +293,96 @@ class Listener:
         cap = settings.limits.max_handshakes
 
         class WirestateConnection(base):  # type: ignore[misc, valid-type]
+            __slots__ = ("lean", "message_hook", "partial")
+
             def __init__(self, protocol: ServerProtocol, *args: Any, **kwargs: Any) -> None:
                 protocol.__class__ = _CauseProtocol
                 protocol.ping_hook = None  # type: ignore[attr-defined]
                 protocol.pong_hook = None  # type: ignore[attr-defined]
                 protocol.fail_hook = None  # type: ignore[attr-defined]
                 self.message_hook: Callable[[bytes | bytearray | memoryview], bool] | None = None
+                #: Reads go through `read_frames` (set by the handler; False for good once
+                #: websockets' parser must take everything).
+                self.lean = False
+                #: The start of a frame whose end has not arrived (lean reads only).
+                self.partial = b""
                 super().__init__(protocol, *args, **kwargs)
+
+            def data_received(self, data: bytes) -> None:
+                if self.lean:
+                    self.read_frames(data)
+                else:
+                    super().data_received(data)
+
+            def eof_received(self) -> bool | None:
+                if self.lean:
+                    self.to_websockets(b"")
+                return super().eof_received()  # type: ignore[no-any-return]
+
+            def read_frames(self, data: bytes) -> None:
+                # A read cut into frames here; websockets' parser gets whole frames only, so
+                # it stands between frames whenever this runs. A whole masked text frame,
+                # with nothing of a fragmented message or the reader's queue before it, goes
+                # to the session's hook; every other frame (control, binary, fragment, one
+                # the hook declines, anything once the protocol left OPEN) goes to
+                # websockets' own parser, as it arrived. A frame websockets must fail
+                # (unmasked, over max_size) hands it everything from there on.
+                if self.partial:
+                    data = self.partial + data
+                    self.partial = b""
+                protocol = self.protocol
+                hook = self.message_hook
+                limit = protocol.max_message_size
+                end = len(data)
+                pos = 0
+                while end - pos >= 2:
+                    b1 = data[pos + 1]
+                    if not b1 & 0x80:  # unmasked
+                        self.to_websockets(data[pos:])
+                        return
+                    size = b1 & 0x7F
+                    at = pos + 2
+                    if size == 126:
+                        if end - pos < 4:
+                            break
+                        size = int.from_bytes(data[at : at + 2], "big")
+                        at += 2
+                    elif size == 127:
+                        if end - pos < 10:
+                            break
+                        size = int.from_bytes(data[at : at + 8], "big")
+                        at += 8
+                    if limit is not None and size > limit:
+                        self.to_websockets(data[pos:])
+                        return
+                    stop = at + 4 + size
+                    if stop > end:
+                        break
+                    if (
+                        data[pos] == 0x81
+                        and protocol.state is _OPEN
+                        and protocol.current_size is None
+                        and not self.recv_messages.frames
+                        and hook is not None
+                        and hook(apply_mask(data[at + 4 : stop], data[at : at + 4]))
+                    ):
+                        pos = stop
+                        continue
+                    super().data_received(data[pos:stop])
+                    pos = stop
+                    if protocol.state is not _OPEN:
+                        self.to_websockets(data[pos:])
+                        return
+                if pos < end:
+                    self.partial = data[pos:]
+
+            def to_websockets(self, rest: bytes) -> None:
+                """From here on every byte goes to websockets' parser, ``rest`` first."""
+                self.lean = False
+                rest = self.partial + rest
+                self.partial = b""
+                if rest:
+                    super().data_received(rest)
 
             def connection_made(self, transport: Any) -> None:
                 super().connection_made(transport)
@@ -376,6 +464,8 @@ class Listener:
         ws.protocol.fail_hook = session.protocol_failed  # type: ignore[attr-defined]
         ws.protocol.pong_hook = transport.pong  # type: ignore[attr-defined]
         ws.message_hook = session.inline  # type: ignore[attr-defined]
+        # Frames read here from now on, unless websockets' parser already holds some.
+        ws.lean = not ws.frames_seen and ws.protocol.state is _OPEN  # type: ignore[attr-defined]
         return session.run()
 
     async def stop(self, grace: float) -> None:

@@ -1,0 +1,167 @@
+"""Frames cut from the socket's reads by the websockets transport itself (``read_frames``):
+whole text frames go to the session, every other frame to websockets' parser whole, so
+that a read cut anywhere, a mix of frame kinds in one read, and frames websockets must fail
+all behave as they do through websockets alone."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import orjson
+
+from wirestate.adapters.server import WirestateServer
+from wirestate.adapters.server.transports.websockets import WebsocketsTransport
+from wirestate.testing.net import (
+    BINARY,
+    CLOSE,
+    PING,
+    PONG,
+    TEXT,
+    WAIT,
+    frame,
+    raw_upgrade,
+    read_frame,
+    server_settings,
+    until,
+)
+
+CONT = 0x0
+
+
+def _text(value: Any) -> bytes:
+    return frame(TEXT, orjson.dumps(value))
+
+
+def _publish(topic: str, data: Any) -> bytes:
+    return _text({"type": "publish", "topic": topic, "data": data})
+
+
+async def _raw_client(server: WirestateServer) -> tuple[Any, asyncio.StreamReader, Any]:
+    """A raw peer past its welcome, and the server's connection object for it."""
+    reader, writer, head = await raw_upgrade(server.port)
+    assert head.startswith(b"HTTP/1.1 101")
+    opcode, payload = await read_frame(reader)
+    assert (opcode, orjson.loads(payload)["type"]) == (TEXT, "welcome")
+    await until(lambda: len(server.sessions) == 1)
+    (session,) = server.sessions.values()
+    assert isinstance(session.transport, WebsocketsTransport)
+    return session.transport.ws, reader, writer
+
+
+async def _messages(reader: asyncio.StreamReader, count: int) -> list[tuple[int, Any]]:
+    """The next ``count`` frames: (opcode, parsed JSON for text, raw payload otherwise)."""
+    out: list[tuple[int, Any]] = []
+    for _ in range(count):
+        opcode, payload = await read_frame(reader)
+        out.append((opcode, orjson.loads(payload) if opcode == TEXT else payload))
+    return out
+
+
+async def test_a_read_cut_at_every_byte_still_yields_every_message_in_order() -> None:
+    async with WirestateServer(server_settings(), epoch="test") as server:
+        conn, reader, writer = await _raw_client(server)
+        assert conn.lean  # the connection's reads are cut here, not by websockets
+        stream = _text({"type": "subscribe", "topics": ["cut"]})
+        # Short frames, and ones with a 16-bit length (126: payload over 125 bytes).
+        for i in range(6):
+            stream += _publish("cut", {"i": i, "pad": "x" * (300 * (i % 2))})
+        for byte in stream:
+            conn.data_received(bytes((byte,)))  # one read per byte, as TCP may cut it
+        got = await _messages(reader, 7)
+        assert got[0][1]["type"] == "subscribed"
+        assert [m["data"]["i"] for _, m in got[1:]] == list(range(6))
+        assert [m["seq"] for _, m in got[1:]] == list(range(1, 7))
+        assert conn.partial == b""
+        writer.close()
+
+
+async def test_control_binary_and_fragmented_frames_in_one_read_keep_their_order() -> None:
+    async with WirestateServer(server_settings(), epoch="test") as server:
+        conn, reader, writer = await _raw_client(server)
+        conn.data_received(_text({"type": "subscribe", "topics": ["mix"]}))
+        assert (await _messages(reader, 1))[0][1]["type"] == "subscribed"
+        second = orjson.dumps({"type": "publish", "topic": "mix", "data": 2})
+        conn.data_received(
+            _publish("mix", 1)
+            + frame(PING, b"hi")
+            + frame(BINARY, b"\x00\x01")
+            + frame(TEXT, second[:10], fin=False)
+            + frame(CONT, second[10:])
+            + _publish("mix", 3)
+        )
+        got = await _messages(reader, 5)
+        assert (PONG, b"hi") in got
+        errors = [m for op, m in got if op == TEXT and m["type"] == "error"]
+        assert [e["code"] for e in errors] == ["invalid_message"]
+        events = [m for op, m in got if op == TEXT and m["type"] == "event"]
+        assert [(e["seq"], e["data"]) for e in events] == [(1, 1), (2, 2), (3, 3)]
+        assert conn.lean  # none of these needed websockets' parser for the rest
+        writer.close()
+
+
+async def test_an_unmasked_frame_still_fails_the_connection_with_1002() -> None:
+    async with WirestateServer(server_settings(), epoch="test") as server:
+        conn, reader, writer = await _raw_client(server)
+        conn.data_received(bytes((0x81, 2)) + b"{}")  # unmasked, and nothing after it
+        opcode, payload = await read_frame(reader)
+        assert opcode == CLOSE
+        assert int.from_bytes(payload[:2], "big") == 1002
+        assert not conn.lean  # websockets' parser has the connection from there on
+        writer.close()
+
+
+async def test_a_frame_declared_over_max_size_closes_1009_before_its_payload() -> None:
+    settings = server_settings({"limits": {"max_message_size": 1024}})
+    async with WirestateServer(settings, epoch="test") as server:
+        _, reader, writer = await _raw_client(server)
+        # Only the head of a 10 MB frame (64-bit length) and its mask: nothing more comes.
+        writer.write(bytes((0x81, 0x80 | 127)) + (10 << 20).to_bytes(8, "big") + b"\0" * 4)
+        opcode, payload = await read_frame(reader)
+        assert opcode == CLOSE
+        assert int.from_bytes(payload[:2], "big") == 1009
+        assert payload[2:] == b"message_too_big"
+        writer.close()
+
+
+async def test_a_frame_begun_with_the_upgrade_request_is_finished_by_websockets() -> None:
+    # Bytes past the request reach websockets' parser before the session exists, here a
+    # frame and a half: websockets keeps the connection's reads. (Cut there, the rest of
+    # the half frame would begin with bytes that read as the head of a masked frame.)
+    async with WirestateServer(server_settings(), epoch="test") as server:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        publish = _publish("early", "\u00e9" * 40)
+        cut = publish.index("\u00e9".encode())
+        writer.write(
+            b"GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+            b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+            b"Sec-WebSocket-Version: 13\r\n\r\n"
+            + _text({"type": "subscribe", "topics": ["early"]})
+            + publish[:cut]
+        )
+        async with asyncio.timeout(WAIT):
+            assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 101")
+        got = await _messages(reader, 2)
+        assert [m["type"] for _, m in got] == ["welcome", "subscribed"]
+        writer.write(publish[cut:])
+        ((_, event),) = await _messages(reader, 1)
+        assert (event["type"], event["data"]) == ("event", "\u00e9" * 40)
+        (session,) = server.sessions.values()
+        assert isinstance(session.transport, WebsocketsTransport)
+        conn: Any = session.transport.ws
+        assert not conn.lean
+        writer.close()
+
+
+async def test_a_whole_frame_inside_a_fragmented_message_still_fails_1002() -> None:
+    async with WirestateServer(server_settings(), epoch="test") as server:
+        conn, reader, writer = await _raw_client(server)
+        conn.data_received(frame(TEXT, b'{"type":', fin=False))
+        # The reader takes the first fragment and waits for the rest of its message...
+        await until(lambda: not conn.recv_messages.frames)
+        # ... which a whole frame cannot be: websockets' parser fails it, as without this path.
+        conn.data_received(_publish("x", 1))
+        opcode, payload = await read_frame(reader)
+        assert opcode == CLOSE
+        assert int.from_bytes(payload[:2], "big") == 1002
+        writer.close()
