@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import ssl
 import weakref
 from collections.abc import Awaitable, Callable, Coroutine
@@ -60,6 +61,8 @@ FRAME_CACHE: Final = 64
 WS_PATH: Final = "/ws"
 _OPEN: Final = State.OPEN
 _TEXT: Final = Opcode.TEXT
+#: The opcodes RFC 6455 defines (continuation, text, binary, close, ping, pong).
+_OPCODES: Final = frozenset(int(op) for op in Opcode)
 
 
 class FrameCache:
@@ -106,7 +109,7 @@ def read_end(exc: ConnectionClosed) -> Ended:
 class WebsocketsTransport:
     """A websockets connection as a session's `Transport`."""
 
-    __slots__ = ("answered", "cache", "pings", "ws")
+    __slots__ = ("answered", "cache", "ws")
 
     keeps_alive = False
     limits_size = True  # websockets' max_size
@@ -116,7 +119,6 @@ class WebsocketsTransport:
         self.cache = cache
         #: The payload of the last ping `ping_now` wrote, and who waits for its pong.
         self.answered: tuple[bytes, Callable[[], None]] | None = None
-        self.pings = 0
 
     def peer(self) -> tuple[str, int] | None:
         try:
@@ -176,13 +178,13 @@ class WebsocketsTransport:
     def ping_now(self, answered: Callable[[], None]) -> bool:
         # The ping frame written as `write` writes events: no future, no timeout, no
         # wake-up of the writer (at 10,000 connections and 30 s, 333 pings a second). Its
-        # payload is a per-connection counter; a pong carrying anything else (an
-        # unsolicited one, or the answer to an older ping) answers nothing.
+        # payload is random, as websockets' own: only a peer that read the ping can answer
+        # it, and a pong carrying anything else (an unsolicited one, or the answer to an
+        # older ping) answers nothing.
         ws = self.ws
         if ws.protocol.writes or not self.ready():
             return False
-        self.pings = pings = (self.pings + 1) & 0xFFFFFFFF
-        data = pings.to_bytes(4, "big")
+        data = os.urandom(4)
         self.answered = (data, answered)
         ws.transport.write(b"\x89\x04" + data)
         return True
@@ -293,7 +295,7 @@ class Listener:
         cap = settings.limits.max_handshakes
 
         class WirestateConnection(base):  # type: ignore[misc, valid-type]
-            __slots__ = ("lean", "message_hook", "partial")
+            __slots__ = ("lean", "message_hook", "need", "partial")
 
             def __init__(self, protocol: ServerProtocol, *args: Any, **kwargs: Any) -> None:
                 protocol.__class__ = _CauseProtocol
@@ -304,8 +306,12 @@ class Listener:
                 #: Reads go through `read_frames` (set by the handler; False for good once
                 #: websockets' parser must take everything).
                 self.lean = False
-                #: The start of a frame whose end has not arrived (lean reads only).
-                self.partial = b""
+                #: The start of a frame whose end has not arrived (lean reads only), and the
+                #: length it must reach before it is parsed again (0: its head is not whole).
+                #: Grown in place, so a frame arriving a byte per read costs no more than
+                #: one arriving whole; bounded by max_size, past which websockets takes it.
+                self.partial: bytearray | None = None
+                self.need = 0
                 super().__init__(protocol, *args, **kwargs)
 
             def data_received(self, data: bytes) -> None:
@@ -324,21 +330,30 @@ class Listener:
                 # it stands between frames whenever this runs. A whole masked text frame,
                 # with nothing of a fragmented message or the reader's queue before it, goes
                 # to the session's hook; every other frame (control, binary, fragment, one
-                # the hook declines, anything once the protocol left OPEN) goes to
-                # websockets' own parser, as it arrived. A frame websockets must fail
-                # (unmasked, over max_size) hands it everything from there on.
-                if self.partial:
-                    data = self.partial + data
-                    self.partial = b""
+                # the hook declines and all after it in this read, anything once the
+                # protocol left OPEN) goes to websockets' own parser, consecutive ones in
+                # one call. A frame websockets must fail from its head (unmasked, reserved
+                # bits or opcode, over max_size) hands it everything from there on.
+                partial = self.partial
+                if partial is not None:
+                    partial += data
+                    if len(partial) < self.need:
+                        return
+                    data = bytes(partial)
+                    self.partial = None
                 protocol = self.protocol
                 hook = self.message_hook
                 limit = protocol.max_message_size
                 end = len(data)
                 pos = 0
+                need = 0
+                run = -1  # where the frames waiting for websockets' parser begin
+                hooked = hook is not None  # False once a text frame was declined
                 while end - pos >= 2:
+                    b0 = data[pos]
                     b1 = data[pos + 1]
-                    if not b1 & 0x80:  # unmasked
-                        self.to_websockets(data[pos:])
+                    if not b1 & 0x80 or b0 & 0x70 or (b0 & 0x0F) not in _OPCODES:
+                        self.to_websockets(data[pos if run < 0 else run :])
                         return
                     size = b1 & 0x7F
                     at = pos + 2
@@ -353,34 +368,45 @@ class Listener:
                         size = int.from_bytes(data[at : at + 8], "big")
                         at += 8
                     if limit is not None and size > limit:
-                        self.to_websockets(data[pos:])
+                        self.to_websockets(data[pos if run < 0 else run :])
                         return
                     stop = at + 4 + size
                     if stop > end:
+                        need = stop - pos
                         break
-                    if (
-                        data[pos] == 0x81
-                        and protocol.state is _OPEN
-                        and protocol.current_size is None
-                        and not self.recv_messages.frames
-                        and hook is not None
-                        and hook(apply_mask(data[at + 4 : stop], data[at : at + 4]))
-                    ):
-                        pos = stop
-                        continue
-                    super().data_received(data[pos:stop])
+                    if b0 == 0x81 and hooked:
+                        if run >= 0:
+                            super().data_received(data[run:pos])
+                            run = -1
+                        if (
+                            protocol.state is _OPEN
+                            and protocol.current_size is None
+                            and not self.recv_messages.frames
+                            and hook is not None
+                            and hook(apply_mask(data[at + 4 : stop], data[at : at + 4]))
+                        ):
+                            pos = stop
+                            continue
+                        # Declined: queued for the reader, so every frame after it is too.
+                        hooked = False
+                    if run < 0:
+                        run = pos
                     pos = stop
-                    if protocol.state is not _OPEN:
-                        self.to_websockets(data[pos:])
-                        return
-                if pos < end:
-                    self.partial = data[pos:]
+                if run >= 0:
+                    super().data_received(data[run:pos])
+                if protocol.state is not _OPEN:
+                    self.to_websockets(data[pos:])
+                elif pos < end:
+                    self.partial = bytearray(data[pos:])
+                    self.need = need
 
             def to_websockets(self, rest: bytes) -> None:
                 """From here on every byte goes to websockets' parser, ``rest`` first."""
                 self.lean = False
-                rest = self.partial + rest
-                self.partial = b""
+                partial = self.partial
+                if partial is not None:
+                    self.partial = None
+                    rest = bytes(partial) + rest
                 if rest:
                     super().data_received(rest)
 
@@ -465,7 +491,12 @@ class Listener:
         ws.protocol.pong_hook = transport.pong  # type: ignore[attr-defined]
         ws.message_hook = session.inline  # type: ignore[attr-defined]
         # Frames read here from now on, unless websockets' parser already holds some.
-        ws.lean = not ws.frames_seen and ws.protocol.state is _OPEN  # type: ignore[attr-defined]
+        protocol = ws.protocol
+        ws.lean = (  # type: ignore[attr-defined]
+            not ws.frames_seen  # type: ignore[attr-defined]
+            and protocol.state is _OPEN
+            and not protocol.extensions
+        )
         return session.run()
 
     async def stop(self, grace: float) -> None:

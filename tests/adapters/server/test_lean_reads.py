@@ -9,8 +9,10 @@ import asyncio
 from typing import Any
 
 import orjson
+import pytest
 
 from wirestate.adapters.server import WirestateServer
+from wirestate.adapters.server.transports.http import HttpServerConnection
 from wirestate.adapters.server.transports.websockets import WebsocketsTransport
 from wirestate.testing.net import (
     BINARY,
@@ -41,7 +43,7 @@ async def _raw_client(server: WirestateServer) -> tuple[Any, asyncio.StreamReade
     """A raw peer past its welcome, and the server's connection object for it."""
     reader, writer, head = await raw_upgrade(server.port)
     assert head.startswith(b"HTTP/1.1 101")
-    opcode, payload = await read_frame(reader)
+    opcode, payload = await _frame(reader)
     assert (opcode, orjson.loads(payload)["type"]) == (TEXT, "welcome")
     await until(lambda: len(server.sessions) == 1)
     (session,) = server.sessions.values()
@@ -49,11 +51,20 @@ async def _raw_client(server: WirestateServer) -> tuple[Any, asyncio.StreamReade
     return session.transport.ws, reader, writer
 
 
+async def _frame(reader: asyncio.StreamReader) -> tuple[int, bytes]:
+    """The next server frame but the keep-alive pings (every 50 ms here)."""
+    while True:
+        opcode, payload = await read_frame(reader)
+        if opcode != PING:
+            return opcode, payload
+
+
 async def _messages(reader: asyncio.StreamReader, count: int) -> list[tuple[int, Any]]:
-    """The next ``count`` frames: (opcode, parsed JSON for text, raw payload otherwise)."""
+    """The next ``count`` frames but pings: (opcode, parsed JSON for text, raw payload
+    otherwise)."""
     out: list[tuple[int, Any]] = []
     for _ in range(count):
-        opcode, payload = await read_frame(reader)
+        opcode, payload = await _frame(reader)
         out.append((opcode, orjson.loads(payload) if opcode == TEXT else payload))
     return out
 
@@ -72,7 +83,29 @@ async def test_a_read_cut_at_every_byte_still_yields_every_message_in_order() ->
         assert got[0][1]["type"] == "subscribed"
         assert [m["data"]["i"] for _, m in got[1:]] == list(range(6))
         assert [m["seq"] for _, m in got[1:]] == list(range(1, 7))
-        assert conn.partial == b""
+        assert conn.partial is None
+        writer.close()
+
+
+async def test_a_large_frame_in_many_reads_grows_one_buffer() -> None:
+    # Joining each read to what came before would copy the frame once per read: a 64 KiB
+    # frame sent a byte at a time would cost gigabytes of copying.
+    async with WirestateServer(server_settings(), epoch="test") as server:
+        conn, reader, writer = await _raw_client(server)
+        conn.data_received(_text({"type": "subscribe", "topics": ["big"]}))
+        assert (await _messages(reader, 1))[0][1]["type"] == "subscribed"
+        big = _publish("big", "y" * 60_000)
+        reads = [big[i : i + 1000] for i in range(0, len(big), 1000)]
+        conn.data_received(reads[0])
+        buffer = conn.partial
+        assert buffer is not None
+        for read in reads[1:-1]:
+            conn.data_received(read)
+            assert conn.partial is buffer  # extended in place, never rebuilt
+        conn.data_received(reads[-1])
+        ((_, event),) = await _messages(reader, 1)
+        assert event["data"] == "y" * 60_000
+        assert conn.partial is None
         writer.close()
 
 
@@ -104,7 +137,7 @@ async def test_an_unmasked_frame_still_fails_the_connection_with_1002() -> None:
     async with WirestateServer(server_settings(), epoch="test") as server:
         conn, reader, writer = await _raw_client(server)
         conn.data_received(bytes((0x81, 2)) + b"{}")  # unmasked, and nothing after it
-        opcode, payload = await read_frame(reader)
+        opcode, payload = await _frame(reader)
         assert opcode == CLOSE
         assert int.from_bytes(payload[:2], "big") == 1002
         assert not conn.lean  # websockets' parser has the connection from there on
@@ -117,7 +150,7 @@ async def test_a_frame_declared_over_max_size_closes_1009_before_its_payload() -
         _, reader, writer = await _raw_client(server)
         # Only the head of a 10 MB frame (64-bit length) and its mask: nothing more comes.
         writer.write(bytes((0x81, 0x80 | 127)) + (10 << 20).to_bytes(8, "big") + b"\0" * 4)
-        opcode, payload = await read_frame(reader)
+        opcode, payload = await _frame(reader)
         assert opcode == CLOSE
         assert int.from_bytes(payload[:2], "big") == 1009
         assert payload[2:] == b"message_too_big"
@@ -161,7 +194,44 @@ async def test_a_whole_frame_inside_a_fragmented_message_still_fails_1002() -> N
         await until(lambda: not conn.recv_messages.frames)
         # ... which a whole frame cannot be: websockets' parser fails it, as without this path.
         conn.data_received(_publish("x", 1))
-        opcode, payload = await read_frame(reader)
+        opcode, payload = await _frame(reader)
         assert opcode == CLOSE
         assert int.from_bytes(payload[:2], "big") == 1002
+        writer.close()
+
+
+async def test_frames_for_websockets_parser_go_to_it_together(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A pong flood in one read costs websockets one parse call, not one per frame.
+    calls = 0
+    original = HttpServerConnection.data_received
+
+    def counting(self: HttpServerConnection, data: bytes) -> None:
+        nonlocal calls
+        calls += 1
+        original(self, data)
+
+    async with WirestateServer(server_settings(), epoch="test") as server:
+        conn, reader, writer = await _raw_client(server)
+        conn.data_received(_text({"type": "subscribe", "topics": ["flood"]}))
+        assert (await _messages(reader, 1))[0][1]["type"] == "subscribed"
+        monkeypatch.setattr(HttpServerConnection, "data_received", counting)
+        conn.data_received(frame(PONG, b"nope") * 100 + _publish("flood", 1))
+        ((_, event),) = await _messages(reader, 1)
+        assert (event["type"], event["data"]) == ("event", 1)
+        assert calls == 1
+        writer.close()
+
+
+async def test_a_head_websockets_must_refuse_is_refused_before_its_payload() -> None:
+    # A reserved opcode (0x3): websockets fails it from the head alone, so nothing of the
+    # announced payload is waited for.
+    async with WirestateServer(server_settings(), epoch="test") as server:
+        conn, reader, writer = await _raw_client(server)
+        conn.data_received(bytes((0x83, 0x80 | 100)) + b"\0" * 4)
+        opcode, payload = await _frame(reader)
+        assert opcode == CLOSE
+        assert int.from_bytes(payload[:2], "big") == 1002
+        assert not conn.lean
         writer.close()
