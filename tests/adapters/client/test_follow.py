@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import io
+import threading
+from typing import Any
 
 import orjson
 import pytest
 
 from wirestate.adapters.client.follow import follow
-from wirestate.adapters.client.subscriber import Backoff
+from wirestate.adapters.client.subscriber import Backoff, Subscription
 from wirestate.adapters.server.service import WirestateServer
 from wirestate.adapters.tools import cli
 from wirestate.models.settings import Settings
@@ -42,18 +44,32 @@ def following(
     )
 
 
-async def subscribed(srv: WirestateServer) -> None:
-    def ready() -> bool:
-        topic = srv.hub.topics.get("t") if srv.hub else None
-        return topic is not None and len(topic.subscribers) >= 1
+@pytest.fixture
+def took_subscribed(monkeypatch: pytest.MonkeyPatch) -> threading.Event:
+    """Set once the client has read a ``subscribed``: not merely once the hub holds the
+    subscription, which comes first (a cut in between would leave the client without the
+    position it resumes from). A thread's event: the CLI test runs its loop in a thread."""
+    seen = threading.Event()
+    original = Subscription._on_subscribed
 
-    await until(ready, WAIT)  # no event for a subscriber count
+    def noting(self: Subscription, msg: Any) -> None:
+        original(self, msg)
+        seen.set()
+
+    monkeypatch.setattr(Subscription, "_on_subscribed", noting)
+    return seen
 
 
-async def test_follow_resumes_across_a_cut_with_no_duplicate(server: WirestateServer) -> None:
+async def subscribed(seen: threading.Event) -> None:
+    await until(seen.is_set, WAIT)  # another thread may set it: polled
+
+
+async def test_follow_resumes_across_a_cut_with_no_duplicate(
+    server: WirestateServer, took_subscribed: threading.Event
+) -> None:
     out, err = io.StringIO(), io.StringIO()
     task = following(server.url, 6, out, err)
-    await subscribed(server)
+    await subscribed(took_subscribed)
     for i in range(3):
         await server.publish("t", {"i": i})
     await until(lambda: out.getvalue().count('"type":"event"') >= 3, WAIT)
@@ -70,11 +86,11 @@ async def test_follow_resumes_across_a_cut_with_no_duplicate(server: WirestateSe
 
 
 async def test_follow_resumes_a_topic_that_delivered_nothing_before_the_cut(
-    server: WirestateServer,
+    server: WirestateServer, took_subscribed: threading.Event
 ) -> None:
     out, err = io.StringIO(), io.StringIO()
     task = following(server.url, 3, out, err)
-    await subscribed(server)
+    await subscribed(took_subscribed)
     # Cut right after subscribed, then publish before the loop turns: the client cannot be
     # back yet, so the three events reach it only through an exact resume (a resubscribe
     # without since would bring the retained #3 alone).
@@ -111,11 +127,13 @@ async def test_follow_stops_after_its_duration_and_prints_a_summary(
     assert "0 events, 0 gaps, 0 reconnects" in out.getvalue()
 
 
-async def test_the_cli_flag_selects_follow(server: WirestateServer) -> None:
+async def test_the_cli_flag_selects_follow(
+    server: WirestateServer, took_subscribed: threading.Event
+) -> None:
     buf = io.StringIO()
     argv = ["client", server.url, "--topic", "t", "--count", "1", "--reconnect"]
     running = asyncio.create_task(asyncio.to_thread(cli.main, argv, buf))
-    await subscribed(server)
+    await subscribed(took_subscribed)
     await server.publish("t", {"hello": 1})
     assert await asyncio.wait_for(running, WAIT) == 0
     text = buf.getvalue()
@@ -123,12 +141,14 @@ async def test_the_cli_flag_selects_follow(server: WirestateServer) -> None:
     assert "1 events, 0 gaps" in text
 
 
-async def test_follow_prints_a_gap_for_what_history_lost() -> None:
+async def test_follow_prints_a_gap_for_what_history_lost(
+    took_subscribed: threading.Event,
+) -> None:
     settings = Settings.model_validate({"server": {"port": 0}, "history": {"size": 1}})
     async with WirestateServer(settings, epoch="gaps") as srv:
         out, err = io.StringIO(), io.StringIO()
         task = following(srv.url, 2, out, err, json_lines=False)
-        await subscribed(srv)
+        await subscribed(took_subscribed)
         await srv.publish("t", {"i": 0})
         await until(lambda: "t #1 " in out.getvalue(), WAIT)
         for client in list(srv.sessions.values()):
