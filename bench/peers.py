@@ -70,6 +70,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -484,11 +485,6 @@ def _floor_frame() -> bytes:
         f'"data":{{"t":1234.567890,"i":123456,"pad":"{PAD}"}}}}'
     ).encode()
     return bytes((0x81, 126)) + len(body).to_bytes(2, "big") + body
-
-
-def _proc_cpu(pid: int) -> float:
-    """User + system CPU seconds of a process (every thread), from /proc/<pid>/stat."""
-    return sum(_proc_cpu_split(pid))
 
 
 def _proc_cpu_split(pid: int) -> tuple[float, float]:
@@ -1127,6 +1123,27 @@ def _emit_report(args: argparse.Namespace, report: dict[str, Any], md: str) -> i
     return 0
 
 
+def _mt_runs(
+    args: argparse.Namespace,
+    rows: list[tuple[str, str]],
+    rate: float,
+    every: int,
+    drain: float,
+    line: Callable[[dict[str, Any]], str],
+) -> dict[str, list[dict[str, Any]]]:
+    """``--runs`` rounds of `mt_run` over ``rows`` (loop, target; loop "-": the floor, which
+    has none), interleaved within each round; each result logged with ``line``. Results by
+    "loop/target"."""
+    raw: dict[str, list[dict[str, Any]]] = {f"{lp}/{t}": [] for lp, t in rows}
+    for r in range(args.runs):
+        for lp, t in rows:
+            loop = "asyncio" if lp == "-" else lp
+            res = mt_run(t, loop, args.n, rate, every, args.duration, args.ping_interval, drain)
+            raw[f"{lp}/{t}"].append(res)
+            print(f"run {r + 1} {lp}/{t}: {line(res)}", file=sys.stderr, flush=True)
+    return raw
+
+
 def many_topics(args: argparse.Namespace) -> int:
     """The many-topics workload: every target in every loop, interleaved, --runs times."""
     _raise_nofile()
@@ -1135,30 +1152,19 @@ def many_topics(args: argparse.Namespace) -> int:
     rows = [(lp, t) for lp in loops for t in targets if t != "floor"]
     if "floor" in targets:
         rows.append(("-", "floor"))  # no event loop: one row
-    raw: dict[str, list[dict[str, Any]]] = {f"{lp}/{t}": [] for lp, t in rows}
-    for r in range(args.runs):
-        for lp, t in rows:
-            loop = "asyncio" if lp == "-" else lp
-            res = mt_run(
-                t,
-                loop,
-                args.n,
-                args.rate,
-                args.every,
-                args.duration,
-                args.ping_interval,
-                args.drain,
-            )
-            raw[f"{lp}/{t}"].append(res)
-            print(
-                f"run {r + 1} {lp}/{t}: {res['us_per_delivery']:.2f} us/delivery"
-                f" ({res['sys_us_per_delivery']:.2f} system),"
-                f" {res['deliveries_per_s']:,.0f} deliveries/s,"
-                f" {res['received']:,}/{res['expected']:,} received,"
-                f" client busy {res['client_busy']:.0%}",
-                file=sys.stderr,
-                flush=True,
-            )
+    raw = _mt_runs(
+        args,
+        rows,
+        args.rate,
+        args.every,
+        args.drain,
+        lambda res: (
+            f"{res['us_per_delivery']:.2f} us/delivery ({res['sys_us_per_delivery']:.2f} system),"
+            f" {res['deliveries_per_s']:,.0f} deliveries/s,"
+            f" {res['received']:,}/{res['expected']:,} received,"
+            f" client busy {res['client_busy']:.0%}"
+        ),
+    )
     publishes, shared, deliveries = _schedule(args.n, args.rate, args.every, args.duration)
     report: dict[str, Any] = {
         "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
@@ -1206,19 +1212,17 @@ def keepalive(args: argparse.Namespace) -> int:
     _raise_nofile()
     targets = [t for t in args.targets.split(",") if t and t != "floor"]
     loops = [lp for lp in args.loops.split(",") if lp]
-    raw: dict[str, list[dict[str, Any]]] = {f"{lp}/{t}": [] for lp in loops for t in targets}
-    for r in range(args.runs):
-        for lp in loops:
-            for t in targets:
-                ping, seconds = args.ping_interval, args.duration
-                res = mt_run(t, lp, args.n, 0.0, 0, seconds, ping, seconds)
-                raw[f"{lp}/{t}"].append(res)
-                print(
-                    f"run {r + 1} {lp}/{t}: {res['us_per_ping']:.2f} us/ping,"
-                    f" {res['pings']:,} pings answered in {args.duration:g} s",
-                    file=sys.stderr,
-                    flush=True,
-                )
+    raw = _mt_runs(
+        args,
+        [(lp, t) for lp in loops for t in targets],
+        0.0,  # nothing published: the clients sit idle for --duration
+        0,
+        args.duration,
+        lambda res: (
+            f"{res['us_per_ping']:.2f} us/ping,"
+            f" {res['pings']:,} pings answered in {args.duration:g} s"
+        ),
+    )
     report: dict[str, Any] = {
         "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
         "workload": "keepalive",

@@ -342,13 +342,12 @@ class Listener:
                     data = bytes(partial)
                     self.partial = None
                 protocol = self.protocol
-                hook = self.message_hook
                 limit = protocol.max_message_size
                 end = len(data)
                 pos = 0
                 need = 0
                 run = -1  # where the frames waiting for websockets' parser begin
-                hooked = hook is not None  # False once a text frame was declined
+                hooked = self.message_hook is not None  # False once a text frame was declined
                 while end - pos >= 2:
                     b0 = data[pos]
                     b1 = data[pos + 1]
@@ -381,9 +380,7 @@ class Listener:
                         if (
                             protocol.state is _OPEN
                             and protocol.current_size is None
-                            and not self.recv_messages.frames
-                            and hook is not None
-                            and hook(apply_mask(data[at + 4 : stop], data[at : at + 4]))
+                            and self.offer(apply_mask(data[at + 4 : stop], data[at : at + 4]))
                         ):
                             pos = stop
                             continue
@@ -422,18 +419,23 @@ class Listener:
                 super().connection_lost(exc)
 
             def process_event(self, event: Any) -> None:
-                # A whole text frame with nothing queued before it: the session may take
-                # it here, without a wake-up of its reader (Session.inline).
-                hook = self.message_hook
+                # The hook first: until the session exists, events include the handshake's
+                # request, which has no opcode.
                 if (
-                    hook is not None
+                    self.message_hook is not None
                     and event.opcode is _TEXT
                     and event.fin
-                    and not self.recv_messages.frames
-                    and hook(event.data)
+                    and self.offer(event.data)
                 ):
                     return
                 super().process_event(event)
+
+            def offer(self, payload: bytes | bytearray | memoryview) -> bool:
+                """A whole text frame, from `read_frames` or websockets' parser: whether the
+                session took it now, without a wake-up of its reader (Session.inline). Only
+                with nothing queued for the reader before it."""
+                hook = self.message_hook
+                return hook is not None and not self.recv_messages.frames and hook(payload)
 
         self.server = await serve(
             self._handle,

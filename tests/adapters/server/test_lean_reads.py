@@ -69,6 +69,12 @@ async def _messages(reader: asyncio.StreamReader, count: int) -> list[tuple[int,
     return out
 
 
+async def _subscribed(conn: Any, reader: asyncio.StreamReader, topic: str) -> None:
+    """Subscribe the raw peer to ``topic`` through the connection, its ``subscribed`` read."""
+    conn.data_received(_text({"type": "subscribe", "topics": [topic]}))
+    assert (await _messages(reader, 1))[0][1]["type"] == "subscribed"
+
+
 async def test_a_read_cut_at_every_byte_still_yields_every_message_in_order() -> None:
     async with WirestateServer(server_settings(), epoch="test") as server:
         conn, reader, writer = await _raw_client(server)
@@ -92,8 +98,7 @@ async def test_a_large_frame_in_many_reads_grows_one_buffer() -> None:
     # frame sent a byte at a time would cost gigabytes of copying.
     async with WirestateServer(server_settings(), epoch="test") as server:
         conn, reader, writer = await _raw_client(server)
-        conn.data_received(_text({"type": "subscribe", "topics": ["big"]}))
-        assert (await _messages(reader, 1))[0][1]["type"] == "subscribed"
+        await _subscribed(conn, reader, "big")
         big = _publish("big", "y" * 60_000)
         reads = [big[i : i + 1000] for i in range(0, len(big), 1000)]
         conn.data_received(reads[0])
@@ -112,8 +117,7 @@ async def test_a_large_frame_in_many_reads_grows_one_buffer() -> None:
 async def test_control_binary_and_fragmented_frames_in_one_read_keep_their_order() -> None:
     async with WirestateServer(server_settings(), epoch="test") as server:
         conn, reader, writer = await _raw_client(server)
-        conn.data_received(_text({"type": "subscribe", "topics": ["mix"]}))
-        assert (await _messages(reader, 1))[0][1]["type"] == "subscribed"
+        await _subscribed(conn, reader, "mix")
         second = orjson.dumps({"type": "publish", "topic": "mix", "data": 2})
         conn.data_received(
             _publish("mix", 1)
@@ -214,8 +218,7 @@ async def test_frames_for_websockets_parser_go_to_it_together(
 
     async with WirestateServer(server_settings(), epoch="test") as server:
         conn, reader, writer = await _raw_client(server)
-        conn.data_received(_text({"type": "subscribe", "topics": ["flood"]}))
-        assert (await _messages(reader, 1))[0][1]["type"] == "subscribed"
+        await _subscribed(conn, reader, "flood")
         monkeypatch.setattr(HttpServerConnection, "data_received", counting)
         conn.data_received(frame(PONG, b"nope") * 100 + _publish("flood", 1))
         ((_, event),) = await _messages(reader, 1)
